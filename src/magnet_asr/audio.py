@@ -1,0 +1,151 @@
+"""Audio constants, loading, validation and Whisper log-mel features.
+
+Constants follow openai/whisper ``audio.py``: 16 kHz mono, 25 ms windows (400 samples)
+every 10 ms (160 samples), so 100 mel frames/s; the encoder's conv stem halves that to
+50 frames/s; a Whisper window is 30 s.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16_000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH = 30  # seconds in one Whisper window
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a window
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames/s
+ENCODER_STRIDE = 2  # the conv stem's second convolution has stride 2
+ENCODER_FRAMES_PER_SECOND = FRAMES_PER_SECOND // ENCODER_STRIDE  # 50 encoder frames/s
+SILENCE_PEAK = 1e-4  # peak amplitude below which a clip counts as silent (about -80 dBFS)
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used; the message names the file and the reason on one line."""
+
+
+def _name(source: str | Path | None) -> str:
+    return str(source) if source is not None else "<audio>"
+
+
+def validate(
+    audio: np.ndarray,
+    source: str | Path | None = None,
+    max_seconds: float | None = None,
+    allow_silent: bool = False,
+) -> np.ndarray:
+    """Check a 16 kHz mono waveform; return it as float32 or raise :class:`AudioError`."""
+    name = _name(source)
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise AudioError(f"{name}: expected mono audio, got shape {tuple(audio.shape)}")
+    if audio.size == 0:
+        raise AudioError(f"{name}: empty audio (0 samples)")
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{name}: audio contains NaN or Inf samples")
+    if not allow_silent and float(np.abs(audio).max()) < SILENCE_PEAK:
+        raise AudioError(f"{name}: audio is silent (peak below {SILENCE_PEAK:g})")
+    seconds = audio.size / SAMPLE_RATE
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioError(f"{name}: audio is {seconds:.1f} s long, longer than the maximum of {max_seconds:g} s")
+    return audio
+
+
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample with soxr (high quality); a no-op when the rates match."""
+    if orig_sr == target_sr:
+        return audio.astype(np.float32, copy=False)
+    if orig_sr <= 0:
+        raise AudioError(f"invalid sample rate {orig_sr}")
+    import soxr
+
+    return soxr.resample(audio, orig_sr, target_sr, quality="HQ").astype(np.float32)
+
+
+def load_audio(
+    path: str | Path,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
+    allow_silent: bool = False,
+) -> np.ndarray:
+    """Load any format libsndfile reads (wav, flac, ogg, mp3 where supported) as mono float32.
+
+    Returns shape ``(num_samples,)`` at ``sample_rate``; raises :class:`AudioError` with a one-line
+    message naming the file for a missing, unreadable, empty, silent, non-finite or too-long clip.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: file not found")
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile raises several types for bad files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AudioError(f"{path}: cannot decode audio ({reason})") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: empty audio (0 samples)")
+    if max_seconds is not None and data.shape[0] / sr > max_seconds:
+        raise AudioError(
+            f"{path}: audio is {data.shape[0] / sr:.1f} s long, longer than the maximum of {max_seconds:g} s"
+        )
+    audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{path}: audio contains NaN or Inf samples")
+    audio = resample(audio, sr, sample_rate)
+    return validate(audio, path, max_seconds=max_seconds, allow_silent=allow_silent)
+
+
+def num_frames(num_samples: int) -> int:
+    """Mel frames Whisper's feature extractor gives for ``num_samples`` (the STFT's last frame is dropped)."""
+    return num_samples // HOP_LENGTH
+
+
+def num_encoder_frames(num_samples: int) -> int:
+    """Encoder frames after the conv stem (stride 2, kernel 3, padding 1) for ``num_samples``."""
+    return math.ceil(num_frames(num_samples) / ENCODER_STRIDE)
+
+
+@lru_cache(maxsize=4)
+def mel_filters(n_mels: int = 80) -> torch.Tensor:
+    """Slaney mel filterbank ``(n_mels, N_FFT // 2 + 1)``, as Whisper's feature extractor builds it."""
+    from transformers.audio_utils import mel_filter_bank
+
+    fb = mel_filter_bank(
+        num_frequency_bins=1 + N_FFT // 2,
+        num_mel_filters=n_mels,
+        min_frequency=0.0,
+        max_frequency=8000.0,
+        sampling_rate=SAMPLE_RATE,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+    return torch.from_numpy(np.asarray(fb, dtype=np.float32)).T.contiguous()
+
+
+def log_mel_spectrogram(audio: np.ndarray | torch.Tensor, n_mels: int = 80, pad_to: int | None = None) -> torch.Tensor:
+    """Whisper log-mel features of one waveform.
+
+    ``audio``: ``(num_samples,)`` at 16 kHz. ``pad_to``: pad the *waveform* with silence to this many
+    samples first (``N_SAMPLES`` reproduces Whisper's 30 s input); padding the waveform rather than the
+    features matters: zero-padded features cost tiny.en about 2 WER points (DESIGN.md).
+    Returns ``(n_mels, num_samples // HOP_LENGTH)`` float32, matching ``WhisperFeatureExtractor``.
+    """
+    wav = torch.as_tensor(audio, dtype=torch.float32)
+    if pad_to is not None and wav.shape[-1] < pad_to:
+        wav = torch.nn.functional.pad(wav, (0, pad_to - wav.shape[-1]))
+    window = torch.hann_window(N_FFT)
+    stft = torch.stft(wav, N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    magnitudes = stft[..., :-1].abs() ** 2
+    mel = mel_filters(n_mels) @ magnitudes
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+    return (log_spec + 4.0) / 4.0

@@ -1,0 +1,130 @@
+"""The ``magnet-asr`` command. Thin: parse arguments, call the package, print, set the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from magnet_asr.weights import BUNDLED, ensure_bundled, list_bundled
+
+    if args.list:
+        for row in list_bundled():
+            print(json.dumps(row) if args.json else "  ".join(f"{k}={v}" for k, v in row.items()))
+        return 0
+    for name in args.names or list(BUNDLED):
+        print(f"{name}: {ensure_bundled(name, force=args.force)}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from magnet_asr.data.corpora import build_corpus
+
+    options = {k: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    options = {k[4:]: v for k, v in options.items()}
+    path = build_corpus(args.corpus, out_dir=args.out, force=args.force, **options)
+    print(path)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from magnet_asr.evaluation.run import run_eval
+
+    summary = run_eval(args.model, args.data, split=args.split, batch_size=args.batch_size, limit=args.limit, out=args.out)
+    print(
+        f"{args.model} on {args.data}/{args.split}: WER {summary['wer']:.4f}  CER {summary['cer']:.4f}  "
+        f"RTFx {summary['rtfx']:.1f}  utterances {summary['num_utterances']}  skipped {summary['num_skipped']}"
+    )
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    from magnet_asr.evaluation.run import transcribe_files
+
+    failed = 0
+    results = []
+    for item in transcribe_files(args.model, args.files):
+        if "error" in item:
+            failed += 1
+            print(f"error: {item['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{item['file']}\t{item['text']}")
+        results.append(item)
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    return 1 if failed else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from magnet_asr.demo import run_demo
+
+    run_demo(out_dir=args.out, limit=args.limit)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magnet-asr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("weights", help="convert the bundled pretrained weights into the cache")
+    p.add_argument("names", nargs="*", help="bundled model names (default: all)")
+    p.add_argument("--list", action="store_true", help="list bundled models and their status")
+    p.add_argument("--json", action="store_true", help="with --list: one JSON object per line")
+    p.add_argument("--force", action="store_true", help="convert again even if cached")
+    p.set_defaults(func=_cmd_weights)
+
+    p = sub.add_parser("data", help="build a corpus manifest")
+    p.add_argument("corpus", choices=["synth", "asterisk", "librispeech", "manifest"])
+    p.add_argument("opt_source", nargs="?", metavar="SOURCE", help="manifest: a folder, .tsv or .jsonl list")
+    p.add_argument("--out", default=None, help="output directory (default: $MAGNET_ASR_HOME/data/NAME)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the manifest exists")
+    p.add_argument("--num-utterances", dest="opt_num_utterances", type=int, help="synth: total utterances")
+    p.add_argument("--seed", dest="opt_seed", type=int)
+    p.add_argument("--split", dest="opt_split", help="librispeech: dataset split (e.g. test.clean)")
+    p.add_argument("--limit", dest="opt_limit", type=int, help="librispeech/manifest: at most N utterances")
+    p.add_argument("--streaming", dest="opt_streaming", action="store_const", const=True)
+    p.add_argument("--name", dest="opt_name", help="manifest: corpus name")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("eval", help="decode a corpus split and score it")
+    p.add_argument("--model", required=True, help="bundled name, local directory or hub name")
+    p.add_argument("--data", required=True, help="corpus name (synth, asterisk), manifest file or folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("transcribe", help="transcribe audio files, one line per file")
+    p.add_argument("--model", default="whisper-tiny.en")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_cmd_transcribe)
+
+    p = sub.add_parser("demo", help="the main job on the embedded defaults (what `make demo` runs)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N utterances per split")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("MAGNET_ASR_DEBUG"):
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"magnet-asr {args.command}: error: {message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,158 @@
+"""Score a recognizer on a manifest: WER, CER, speed (RTFx) and compression, with bad samples skipped and counted."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from magnet_asr.audio import SAMPLE_RATE, AudioError, load_audio
+from magnet_asr.data.manifest import Utterance
+from magnet_asr.evaluation.decode import Recognizer, Transcription
+
+
+@dataclass
+class _Loaded:
+    utterance: Utterance
+    audio: np.ndarray
+
+
+@dataclass
+class EvalResult:
+    model: str
+    data: str
+    split: str | None
+    references: list[str] = field(default_factory=list)
+    hypotheses: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    encoder_frames: int = 0
+    compressed_frames: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        from magnet_asr.text import cer, wer
+
+        n = len(self.references)
+        return {
+            "model": self.model,
+            "data": self.data,
+            "split": self.split,
+            "wer": wer(self.references, self.hypotheses) if n else None,
+            "cer": cer(self.references, self.hypotheses) if n else None,
+            "num_utterances": n,
+            "num_skipped": len(self.skipped),
+            "skipped": self.skipped,
+            "audio_seconds": round(self.audio_seconds, 3),
+            "wall_seconds": round(self.wall_seconds, 3),
+            "rtfx": round(self.audio_seconds / self.wall_seconds, 3) if self.wall_seconds > 0 else None,
+            "encoder_frames": self.encoder_frames,
+            "compressed_frames": self.compressed_frames,
+            "mean_compression": round(self.encoder_frames / self.compressed_frames, 4)
+            if self.compressed_frames
+            else None,
+            "utterances": self.rows,
+        }
+
+
+def _load(utterances: Sequence[Utterance], max_seconds: float, result: EvalResult) -> list[_Loaded]:
+    from magnet_asr.text import normalize
+
+    loaded = []
+    for utt in tqdm(utterances, desc="loading audio", unit="utt", leave=False):
+        if not normalize(utt.text):
+            result.skipped.append({"id": utt.id, "reason": "empty transcript"})
+            continue
+        try:
+            audio = load_audio(utt.audio, max_seconds=max_seconds)
+        except AudioError as e:
+            result.skipped.append({"id": utt.id, "reason": str(e)})
+            continue
+        loaded.append(_Loaded(utt, audio))
+    return loaded
+
+
+def _decode_batch(recognizer: Recognizer, batch: list[_Loaded], result: EvalResult) -> list[Transcription | None]:
+    """Decode a batch; if it fails, retry one by one so a single bad sample is skipped, not fatal."""
+    try:
+        return list(recognizer.transcribe([item.audio for item in batch]))
+    except Exception:
+        pass  # find the culprit below
+    outputs: list[Transcription | None] = []
+    for item in batch:
+        try:
+            outputs.append(recognizer.transcribe([item.audio])[0])
+        except Exception as e:  # a model error on one sample must not end the run
+            result.skipped.append({"id": item.utterance.id, "reason": f"decoding failed: {type(e).__name__}: {e}"})
+            outputs.append(None)
+    return outputs
+
+
+def evaluate(
+    recognizer: Recognizer,
+    utterances: Sequence[Utterance],
+    batch_size: int = 8,
+    data_name: str = "",
+    split: str | None = None,
+) -> dict[str, Any]:
+    """Decode ``utterances`` in batches of similar length and score them.
+
+    ``wall_seconds`` covers feature extraction and decoding (not file loading), so ``rtfx`` is
+    audio seconds per second of recognizer work.
+    """
+    result = EvalResult(model=recognizer.name, data=data_name, split=split)
+    loaded = sorted(_load(utterances, recognizer.max_seconds, result), key=lambda x: len(x.audio))
+    progress = tqdm(total=len(loaded), desc=f"decoding {recognizer.name}", unit="utt")
+    for start in range(0, len(loaded), batch_size):
+        batch = loaded[start : start + batch_size]
+        t0 = time.perf_counter()
+        outputs = _decode_batch(recognizer, batch, result)
+        result.wall_seconds += time.perf_counter() - t0
+        for item, out in zip(batch, outputs):
+            if out is None:
+                continue
+            _record(result, item, out)
+        progress.update(len(batch))
+    progress.close()
+    result.rows.sort(key=lambda r: r["id"])
+    return result.summary()
+
+
+def _record(result: EvalResult, item: _Loaded, out: Transcription) -> None:
+    from magnet_asr.text import wer
+
+    seconds = len(item.audio) / SAMPLE_RATE
+    result.references.append(item.utterance.text)
+    result.hypotheses.append(out.text)
+    result.audio_seconds += seconds
+    result.encoder_frames += out.encoder_frames
+    result.compressed_frames += out.compressed_frames
+    result.rows.append(
+        {
+            "id": item.utterance.id,
+            "reference": item.utterance.text,
+            "hypothesis": out.text,
+            "duration": round(seconds, 3),
+            "wer": wer([item.utterance.text], [out.text]),
+            "compression": round(out.compression, 4),
+        }
+    )
+
+
+def write_json(summary: dict[str, Any], path: str | Path) -> Path:
+    """Write JSON atomically."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path

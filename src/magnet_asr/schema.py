@@ -1,0 +1,164 @@
+"""Typed schemas for a run, registered in Hydra's ConfigStore.
+
+The YAML files in ``configs/`` only override these dataclasses: composing a file with a key the
+schema does not have fails (Hydra struct mode), so a typo is an error, not a silently ignored
+setting. ``load_run_config`` composes ``configs/config.yaml`` with command-line overrides.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+
+MODEL_FAMILIES = ("whisper", "magnet_whisper", "speech_llm")
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "whisper-tiny.en"  # bundled name, local directory or hub name
+    freeze: bool = False
+    position_encoding: str = "learned"  # learned (Whisper's, sliced) | rope
+    extra_conv_strides: list[int] = field(default_factory=list)  # fixed-rate baseline after the conv stem
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class CompressorConfig:
+    enabled: bool = False
+    layers: list[int] = field(default_factory=lambda: [1])  # encoder layers that get a predictor
+    variant: str = "mlp"  # mlp | cosine
+    target: str = "phoneme"  # phoneme | syllable | fixed
+    compression: float = 5.0  # target factor for `fixed`, and the prior rate 1/compression
+    pooling: str = "mean"  # mean | attention
+    temperature: float = 1.0
+    threshold: float = 0.5
+    loss: str = "binomial"  # binomial | ratio
+    loss_weight: float = 1.0
+    reembed_positions: bool = False
+
+
+@dataclass
+class ProjectorConfig:
+    stack: int = 4  # frames stacked per audio token (k=4: 12.5 tokens/s)
+    hidden_size: int = 1024
+    dropout: float = 0.0
+
+
+@dataclass
+class LLMConfig:
+    name: str = "smollm2-135m-instruct"
+    finetune: str = "lora"  # lora | full | frozen
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    prompt: str = "Transcribe the audio."
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=lambda: ["synth", "asterisk"])
+    validation: list[str] = field(default_factory=lambda: ["asterisk"])
+    test: list[str] = field(default_factory=lambda: ["asterisk", "synth"])
+    max_seconds: float = 30.0
+    max_train_utterances: int | None = None
+    max_eval_utterances: int | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/${run_name}"
+    max_steps: int = 1000
+    num_train_epochs: float = 1.0
+    per_device_batch_size: int = 8
+    max_batch_seconds: float | None = None  # dynamic batching by total audio duration
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    projector_learning_rate: float | None = None
+    predictor_learning_rate: float | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "linear"
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 0
+    logging_steps: int = 10
+    eval_steps: int = 200
+    save_steps: int = 200
+    save_total_limit: int = 3
+    resume_from_checkpoint: str | None = None  # path, or `auto` for the newest complete checkpoint
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    device: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    run_name: str = "default"
+    model: str = "magnet_whisper"  # one of MODEL_FAMILIES
+    encoder: EncoderConfig = MISSING
+    compressor: CompressorConfig = MISSING
+    projector: ProjectorConfig = MISSING
+    llm: LLMConfig = MISSING
+    data: DataConfig = MISSING
+    training: TrainingConfig = MISSING
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_FAMILIES:
+            raise ValueError(f"model: '{self.model}' is not one of {', '.join(MODEL_FAMILIES)}")
+
+
+GROUP_SCHEMAS: dict[str, type] = {
+    "encoder": EncoderConfig,
+    "compressor": CompressorConfig,
+    "projector": ProjectorConfig,
+    "llm": LLMConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schemas: ``base_config`` for the whole run and ``base_<group>`` in each group."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"base_{group}", node=schema)
+
+
+def configs_dir() -> Path:
+    """``$MAGNET_ASR_CONFIGS``, else the repository's ``configs/`` next to ``src/``."""
+    env = os.environ.get("MAGNET_ASR_CONFIGS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def load_run_config(overrides: list[str] | None = None, config_name: str = "config") -> Any:
+    """Compose ``configs/<config_name>.yaml`` with Hydra ``overrides``; returns a typed DictConfig.
+
+    Raises ``ValueError`` with Hydra's one-line reason for an unknown key or bad value.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    directory = configs_dir()
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: configs directory not found (set MAGNET_ASR_CONFIGS)")
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides or []))
+        OmegaConf.resolve(cfg)
+        OmegaConf.to_object(cfg)  # runs __post_init__ checks
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        # Hydra spreads the reason over several lines (and the key over the last ones): keep one line.
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ValueError(f"config: {reason}") from None
+    return cfg

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from magnet_asr import audio as A
+
+
+def tone(seconds: float, sr: int = A.SAMPLE_RATE, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_constants_are_consistent():
+    assert A.N_FRAMES == 3000
+    assert A.FRAMES_PER_SECOND == 100 and A.ENCODER_FRAMES_PER_SECOND == 50
+    assert A.num_encoder_frames(A.N_SAMPLES) == 1500
+    assert A.num_encoder_frames(5 * A.SAMPLE_RATE) == 250
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_log_mel_matches_whisper_feature_extractor(n_mels):
+    from transformers import WhisperFeatureExtractor
+
+    rng = np.random.default_rng(0)
+    wav = (tone(3.3) + 0.05 * rng.standard_normal(int(3.3 * A.SAMPLE_RATE))).astype(np.float32)
+    fe = WhisperFeatureExtractor(feature_size=n_mels)
+    ref = fe(wav, sampling_rate=A.SAMPLE_RATE, return_tensors="np").input_features[0]
+    ours = A.log_mel_spectrogram(wav, n_mels=n_mels, pad_to=A.N_SAMPLES).numpy()
+    assert ours.shape == ref.shape == (n_mels, A.N_FRAMES)
+    np.testing.assert_allclose(ours, ref, atol=2e-4)
+
+
+def test_log_mel_true_length_has_length_frames():
+    feats = A.log_mel_spectrogram(tone(2.0))
+    assert feats.shape == (80, 200)
+    assert feats.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fmt,ext", [("WAV", "wav"), ("FLAC", "flac"), ("OGG", "ogg")])
+def test_load_formats_resample_and_mixdown(tmp_path, fmt, ext):
+    stereo = np.stack([tone(1.0, 8000), tone(1.0, 8000)], axis=1)
+    path = tmp_path / f"x.{ext}"
+    sf.write(path, stereo, 8000, format=fmt)
+    out = A.load_audio(path)
+    assert out.dtype == np.float32 and out.ndim == 1
+    assert abs(len(out) - A.SAMPLE_RATE) <= 2
+    # the 440 Hz tone survives resampling: the spectrum peaks there
+    spectrum = np.abs(np.fft.rfft(out))
+    assert abs(np.argmax(spectrum) * A.SAMPLE_RATE / len(out) - 440) < 5
+
+
+def write(tmp_path, name, data, sr=A.SAMPLE_RATE):
+    path = tmp_path / name
+    sf.write(path, data, sr, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda p: p / "missing.wav", "file not found"),
+        (lambda p: (p / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage" * 10) and p / "corrupt.wav", "cannot decode"),
+        (lambda p: write(p, "empty.wav", np.zeros(0, np.float32)), "empty audio"),
+        (lambda p: write(p, "silent.wav", np.zeros(16000, np.float32)), "silent"),
+        (lambda p: write(p, "nan.wav", np.full(16000, np.nan, np.float32)), "NaN"),
+        (lambda p: write(p, "long.wav", tone(3.0)), "longer than the maximum"),
+    ],
+)
+def test_load_errors_are_one_line_and_name_the_file(tmp_path, make, expected):
+    path = make(tmp_path)
+    with pytest.raises(A.AudioError) as info:
+        A.load_audio(path, max_seconds=2.0)
+    message = str(info.value)
+    assert expected in message and str(path) in message and "\n" not in message
+
+
+def test_validate_allows_silence_when_asked():
+    assert A.validate(np.zeros(100, np.float32), allow_silent=True).shape == (100,)
