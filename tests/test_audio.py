@@ -60,7 +60,10 @@ def write(tmp_path, name, data, sr=A.SAMPLE_RATE):
     "make,expected",
     [
         (lambda p: p / "missing.wav", "file not found"),
-        (lambda p: (p / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage" * 10) and p / "corrupt.wav", "cannot decode"),
+        (
+            lambda p: (p / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage" * 10) and p / "corrupt.wav",
+            "cannot decode",
+        ),
         (lambda p: write(p, "empty.wav", np.zeros(0, np.float32)), "empty audio"),
         (lambda p: write(p, "silent.wav", np.zeros(16000, np.float32)), "silent"),
         (lambda p: write(p, "nan.wav", np.full(16000, np.nan, np.float32)), "NaN"),

@@ -8,7 +8,9 @@ from magnet_asr.schema import GROUP_SCHEMAS, configs_dir, load_run_config
 
 CONFIGS = configs_dir()
 GROUP_FILES = sorted(
-    (group, path.stem) for group in [*GROUP_SCHEMAS, "experiments"] for path in (CONFIGS / group).glob("*.yaml")
+    (group, path.stem)
+    for group in [*GROUP_SCHEMAS, "experiments"]
+    for path in (CONFIGS / group).glob("*.yaml")
 )
 
 

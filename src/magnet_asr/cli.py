@@ -34,7 +34,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from magnet_asr.evaluation.run import run_eval
 
-    summary = run_eval(args.model, args.data, split=args.split, batch_size=args.batch_size, limit=args.limit, out=args.out)
+    summary = run_eval(
+        args.model, args.data, split=args.split, batch_size=args.batch_size, limit=args.limit, out=args.out
+    )
     print(
         f"{args.model} on {args.data}/{args.split}: WER {summary['wer']:.4f}  CER {summary['cer']:.4f}  "
         f"RTFx {summary['rtfx']:.1f}  utterances {summary['num_utterances']}  skipped {summary['num_skipped']}"
@@ -59,6 +61,14 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     return 1 if failed else 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from magnet_asr.schema import load_run_config
+    from magnet_asr.training.recipe import train
+
+    train(load_run_config(args.overrides))
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -106,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_cmd_transcribe)
+
+    p = sub.add_parser("train", help="train from Hydra configs, e.g. `train +experiments=magnet_demo`")
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides (group=option, key=value, +experiments=NAME)"
+    )
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="the main job on the embedded defaults (what `make demo` runs)")
     p.add_argument("--out", default="runs/demo")

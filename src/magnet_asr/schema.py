@@ -36,9 +36,15 @@ class CompressorConfig:
     pooling: str = "mean"  # mean | attention
     temperature: float = 1.0
     threshold: float = 0.5
-    loss: str = "binomial"  # binomial | ratio
+    loss: str = "binomial"  # binomial | ratio | repulsion
     loss_weight: float = 1.0
     reembed_positions: bool = False
+    # schedules (magnet_asr.compression.schedules), driven by training.callbacks.ScheduleCallback
+    temperature_end: float | None = None  # anneal the Gumbel temperature to this value
+    curriculum: str = "none"  # none | linear | cosine | staircase: compression from 1x to the target
+    curriculum_ramp: float = 0.5  # fraction of training the curriculum takes
+    loss_warmup_steps: int = 0  # ramp the boundary-loss weight from 0
+    predictor_only_steps: int = 0  # train only the predictors for the first N steps
 
 
 @dataclass

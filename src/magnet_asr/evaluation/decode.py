@@ -59,7 +59,9 @@ class WhisperRecognizer:
         self.name = name
         self.n_mels = int(model.config.num_mel_bins)
         gen = model.generation_config
-        self.multilingual = bool(getattr(gen, "is_multilingual", False)) or int(model.config.vocab_size) >= 51865
+        self.multilingual = (
+            bool(getattr(gen, "is_multilingual", False)) or int(model.config.vocab_size) >= 51865
+        )
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu") -> WhisperRecognizer:
@@ -85,7 +87,53 @@ class WhisperRecognizer:
         ]
 
 
-LOADERS: dict[str, Callable[[str, str], Recognizer]] = {"whisper": WhisperRecognizer.from_pretrained}
+def batch_features(waveforms: Sequence[np.ndarray], n_mels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel features of each waveform at its true length, zero-padded to the longest.
+
+    Returns ``features (B, n_mels, T)`` and ``mask (B, T)`` (1 = real mel frame); models that take the
+    mask ignore the padding, so a sample's output does not depend on its batch.
+    """
+    feats = [log_mel_spectrogram(w, n_mels) for w in waveforms]
+    longest = max(f.shape[-1] for f in feats)
+    features = torch.zeros(len(feats), n_mels, longest)
+    mask = torch.zeros(len(feats), longest, dtype=torch.long)
+    for i, f in enumerate(feats):
+        features[i, :, : f.shape[-1]] = f
+        mask[i, : f.shape[-1]] = 1
+    return features, mask
+
+
+class MagnetWhisperRecognizer(WhisperRecognizer):
+    """MagnetWhisper on variable-length input: no padding to 30 s, compression reported per sample."""
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu") -> MagnetWhisperRecognizer:
+        from transformers import AutoTokenizer
+
+        from magnet_asr.models import MagnetWhisper
+
+        model = MagnetWhisper.from_pretrained(path).to(device)
+        return cls(model, AutoTokenizer.from_pretrained(path), name=str(path))
+
+    @torch.inference_mode()
+    def transcribe(self, waveforms: Sequence[np.ndarray]) -> list[Transcription]:
+        device = next(self.model.parameters()).device
+        features, mask = batch_features(waveforms, self.n_mels)
+        encoded = self.model.encode(features.to(device), mask.to(device))
+        longest = max(len(w) for w in waveforms) / SAMPLE_RATE
+        kwargs: dict = {"max_new_tokens": max_new_tokens_for(longest), "encoder_outputs": encoded}
+        if self.multilingual:
+            kwargs.update(language="en", task="transcribe")
+        tokens = self.model.generate(**kwargs)
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        before, after = encoded.frames_before.tolist(), encoded.frames_after.tolist()
+        return [Transcription(t.strip(), int(b), int(a)) for t, b, a in zip(texts, before, after)]
+
+
+LOADERS: dict[str, Callable[[str, str], Recognizer]] = {
+    "whisper": WhisperRecognizer.from_pretrained,
+    "magnet_whisper": MagnetWhisperRecognizer.from_pretrained,
+}
 
 
 def model_type_of(path: str) -> str:
@@ -94,6 +142,8 @@ def model_type_of(path: str) -> str:
     if config_file.is_file():
         return str(json.loads(config_file.read_text()).get("model_type", ""))
     from transformers import AutoConfig
+
+    import magnet_asr.models  # noqa: F401  (registers our model types with AutoConfig)
 
     return str(AutoConfig.from_pretrained(path).model_type)
 

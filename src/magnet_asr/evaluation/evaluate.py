@@ -79,7 +79,9 @@ def _load(utterances: Sequence[Utterance], max_seconds: float, result: EvalResul
     return loaded
 
 
-def _decode_batch(recognizer: Recognizer, batch: list[_Loaded], result: EvalResult) -> list[Transcription | None]:
+def _decode_batch(
+    recognizer: Recognizer, batch: list[_Loaded], result: EvalResult
+) -> list[Transcription | None]:
     """Decode a batch; if it fails, retry one by one so a single bad sample is skipped, not fatal."""
     try:
         return list(recognizer.transcribe([item.audio for item in batch]))
@@ -90,7 +92,9 @@ def _decode_batch(recognizer: Recognizer, batch: list[_Loaded], result: EvalResu
         try:
             outputs.append(recognizer.transcribe([item.audio])[0])
         except Exception as e:  # a model error on one sample must not end the run
-            result.skipped.append({"id": item.utterance.id, "reason": f"decoding failed: {type(e).__name__}: {e}"})
+            result.skipped.append(
+                {"id": item.utterance.id, "reason": f"decoding failed: {type(e).__name__}: {e}"}
+            )
             outputs.append(None)
     return outputs
 

@@ -8,7 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TABLE_COLUMNS = ("model", "data", "split", "wer", "cer", "rtfx", "mean_compression", "num_utterances", "num_skipped")
+TABLE_COLUMNS = (
+    "model",
+    "data",
+    "split",
+    "wer",
+    "cer",
+    "rtfx",
+    "mean_compression",
+    "num_utterances",
+    "num_skipped",
+)
 
 
 def table_row(summary: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,117 @@
+"""Datasets and collators shared by training and evaluation.
+
+A :class:`SpeechDataset` item is the loaded waveform, or the reason it could not be loaded; the
+collators drop bad items and report how many they dropped (``num_skipped``), so a corrupt file or an
+empty transcript costs one sample, never the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from magnet_asr.audio import AudioError, load_audio, log_mel_spectrogram
+from magnet_asr.data.manifest import Utterance
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Utterances from a manifest; ``__getitem__`` -> dict with ``audio`` or ``error``."""
+
+    def __init__(self, utterances: Sequence[Utterance], max_seconds: float | None = 30.0) -> None:
+        self.utterances = list(utterances)
+        self.max_seconds = max_seconds
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    @property
+    def durations(self) -> list[float]:
+        return [u.duration for u in self.utterances]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        utt = self.utterances[index]
+        item: dict[str, Any] = {"id": utt.id, "text": utt.text.strip()}
+        if not item["text"]:
+            item["error"] = f"{utt.id}: empty transcript"
+            return item
+        try:
+            item["audio"] = load_audio(utt.audio, max_seconds=self.max_seconds)
+        except AudioError as e:
+            item["error"] = str(e)
+        return item
+
+
+def pad_features(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(n_mels, T_i)`` features zero-padded to the longest: ``(B, n_mels, T)`` and mask ``(B, T)``."""
+    longest = max(f.shape[-1] for f in features)
+    out = features[0].new_zeros(len(features), features[0].shape[0], longest)
+    mask = torch.zeros(len(features), longest, dtype=torch.long)
+    for i, f in enumerate(features):
+        out[i, :, : f.shape[-1]] = f
+        mask[i, : f.shape[-1]] = 1
+    return out, mask
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    longest = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), longest), value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return out
+
+
+def collate_target_counts(texts: Sequence[str], kind: str | None, num_predictors: int) -> torch.Tensor | None:
+    """Per-utterance boundary targets ``(num_predictors, B)`` from transcripts (phonemes or syllables).
+
+    ``None`` for ``fixed`` (or no predictors): the predictor then aims at its prior rate per real frame.
+    Every predictor gets the same transcript count; the encoder clamps it to the frames it sees.
+    """
+    if num_predictors == 0 or kind in (None, "fixed"):
+        return None
+    from magnet_asr.compression import transcript_counts
+
+    counts = transcript_counts(list(texts), kind).clamp_min(1.0)
+    return counts[None].expand(num_predictors, -1).clone()
+
+
+@dataclass
+class WhisperCollator:
+    """Batches for (Magnet)Whisper: features at their true length + mask, labels, target counts.
+
+    Labels follow Whisper fine-tuning: the tokenizer's prefix (start, language, task, no-timestamps),
+    the text with a leading space, end-of-text; the start token is dropped from labels because the
+    model shifts it back in as the first decoder input.
+    """
+
+    tokenizer: Any
+    n_mels: int = 80
+    target: str | None = None
+    num_predictors: int = 0
+    pad_to: int | None = None  # samples; N_SAMPLES gives Whisper's 30 s input (zero-shot evaluation)
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        good = [it for it in items if "error" not in it]
+        batch: dict[str, Any] = {"num_skipped": len(items) - len(good)}
+        if not good:
+            return batch
+        feats = [log_mel_spectrogram(it["audio"], self.n_mels, pad_to=self.pad_to) for it in good]
+        batch["input_features"], batch["attention_mask"] = pad_features(feats)
+        labels = [self._label_ids(it["text"]) for it in good]
+        batch["labels"] = pad_sequences(labels, -100)
+        counts = collate_target_counts([it["text"] for it in good], self.target, self.num_predictors)
+        if counts is not None:
+            batch["target_counts"] = counts
+        return batch
+
+    def _label_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(" " + text).input_ids
+        start = self.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+        return ids[1:] if ids and ids[0] == start else ids
+
+
+def waveforms_of(items: Sequence[dict[str, Any]]) -> list[np.ndarray]:
+    return [it["audio"] for it in items if "error" not in it]

@@ -1,0 +1,187 @@
+"""Variable-length Whisper encoder with boundary predictors between its layers.
+
+Data flow (shapes batch-first, masks 1 = real)::
+
+    features (B, n_mels, T) + mel mask (B, T)
+      -> conv stem (50 frames/s) [-> optional fixed-stride convs] -> hidden (B, L, D) + mask (B, L)
+      -> layers [0, k) -> BoundaryPredictor at layer k -> pooled (B, S, D) + mask (B, S) -> layers [k, N)
+
+Parameter names match Hugging Face ``WhisperEncoder`` (``conv1``, ``conv2``, ``embed_positions``,
+``layers``, ``layer_norm``) so any Whisper checkpoint loads; predictors live in ``predictors``.
+Padding never reaches a real frame: features and conv outputs are masked before each convolution,
+so a sample gives the same output alone and in a padded batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
+
+from magnet_asr.compression import BoundaryPredictor, BoundaryPredictorConfig, scheduled_counts
+from magnet_asr.models.attention import RopeWhisperAttention, RotaryEmbedding, additive_mask, apply_mask
+
+
+@dataclass
+class MagnetEncoderOutput(BaseModelOutput):
+    """Encoder output; ``encoder_attention_mask`` (B, S) marks real segments for cross-attention.
+
+    ``frames_before`` / ``frames_after`` (B,): real encoder frames before the first predictor (after the
+    conv stem) and after the last one. ``boundary_loss``: summed, weighted predictor losses (training).
+    """
+
+    encoder_attention_mask: torch.Tensor | None = None
+    frames_before: torch.Tensor | None = None
+    frames_after: torch.Tensor | None = None
+    boundary_loss: torch.Tensor | None = None
+    boundary_outputs: tuple[Any, ...] | None = None
+
+
+def stride_mask(mask: torch.Tensor, stride: int) -> torch.Tensor:
+    """Mask after a stride-``stride`` layer: output frame j is real iff input frame ``j*stride`` is."""
+    return mask[:, ::stride]
+
+
+class FixedStrideConv(nn.Module):
+    """Conv1d with kernel = stride, initialized to average pooling (a fixed-rate compression baseline)."""
+
+    def __init__(self, hidden_size: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size=stride, stride=stride)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            eye = torch.eye(hidden_size) / stride
+            for tap in range(stride):
+                self.conv.weight[:, :, tap] = eye
+            self.conv.bias.zero_()
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden (B, L, D)``, ``mask (B, L)`` -> ``(B, ceil(L/stride), D)`` and its mask."""
+        length = hidden.shape[1]
+        pad = (-length) % self.stride
+        x = nn.functional.pad(apply_mask(hidden, mask).transpose(1, 2), (0, pad))
+        return self.conv(x).transpose(1, 2), stride_mask(mask, self.stride)
+
+
+class MagnetWhisperEncoder(nn.Module):
+    """Whisper encoder on the true input length, with optional boundary predictors and RoPE."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.d_model
+        self.conv1 = nn.Conv1d(config.num_mel_bins, dim, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(config.max_source_positions, dim)
+        self.embed_positions.requires_grad_(False)
+        self.extra_convs = nn.ModuleList(FixedStrideConv(dim, s) for s in config.extra_conv_strides)
+        self.layers = nn.ModuleList(WhisperEncoderLayer(config) for _ in range(config.encoder_layers))
+        self.layer_norm = nn.LayerNorm(dim)
+        self.predictors = nn.ModuleDict(
+            {str(layer): build_predictor(config, dim) for layer in config.predictor_layers}
+        )
+        self.rotary: RotaryEmbedding | None = None
+        if config.position_encoding == "rope":
+            head_dim = dim // config.encoder_attention_heads
+            self.rotary = RotaryEmbedding(head_dim, config.rope_theta)
+            for layer in self.layers:  # same parameter names, rotary forward
+                layer.self_attn = RopeWhisperAttention(
+                    dim, config.encoder_attention_heads, dropout=config.attention_dropout, config=config
+                )
+
+    def _stem(
+        self, features: torch.Tensor, mel_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if mel_mask is not None:
+            features = features * mel_mask[:, None, :].to(features.dtype)
+        x = nn.functional.gelu(self.conv1(features))
+        if mel_mask is not None:
+            x = x * mel_mask[:, None, :].to(x.dtype)  # the stride-2 conv must not see padding
+        x = nn.functional.gelu(self.conv2(x)).transpose(1, 2)
+        mask = stride_mask(mel_mask, 2) if mel_mask is not None else None
+        return x, mask
+
+    def _rope_kwargs(self, hidden: torch.Tensor) -> dict[str, Any]:
+        if self.rotary is None:
+            return {}
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
+        cos_sin = self.rotary(positions)
+        return {"rope_query": cos_sin, "rope_key": cos_sin}
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        target_counts: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> MagnetEncoderOutput:
+        """``input_features (B, n_mels, T)``, ``attention_mask (B, T)`` over mel frames (None = all real),
+        ``target_counts (num_predictors, B)`` per-utterance boundary targets (optional)."""
+        hidden, mask = self._stem(input_features, attention_mask)
+        for conv in self.extra_convs:
+            if mask is None:
+                mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+            hidden, mask = conv(hidden, mask)
+        length = hidden.shape[1]
+        if self.rotary is None:
+            if length > self.embed_positions.num_embeddings:
+                raise ValueError(
+                    f"input of {length} encoder frames exceeds the {self.embed_positions.num_embeddings} learned "
+                    "positions (30 s); use position_encoding='rope' or shorter clips"
+                )
+            hidden = hidden + self.embed_positions.weight[:length]
+        hidden = nn.functional.dropout(hidden, p=self.config.dropout, training=self.training)
+        frames_before = (
+            mask.sum(1) if mask is not None else torch.full((hidden.shape[0],), length, device=hidden.device)
+        )
+
+        boundary_outputs, losses = [], []
+        for index, layer in enumerate(self.layers):
+            hidden, mask = self._maybe_pool(index, hidden, mask, target_counts, boundary_outputs, losses)
+            hidden = layer(hidden, additive_mask(mask, hidden.dtype), **self._rope_kwargs(hidden))
+        hidden, mask = self._maybe_pool(
+            len(self.layers), hidden, mask, target_counts, boundary_outputs, losses
+        )
+        hidden = apply_mask(self.layer_norm(hidden), mask)
+        frames_after = mask.sum(1) if mask is not None else torch.full_like(frames_before, hidden.shape[1])
+        return MagnetEncoderOutput(
+            last_hidden_state=hidden,
+            encoder_attention_mask=mask,
+            frames_before=frames_before,
+            frames_after=frames_after,
+            boundary_loss=torch.stack(losses).sum() if losses else None,
+            boundary_outputs=tuple(boundary_outputs) or None,
+        )
+
+    def _maybe_pool(self, index, hidden, mask, target_counts, boundary_outputs, losses):
+        key = str(index)
+        if key not in self.predictors:
+            return hidden, mask
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        predictor = self.predictors[key]
+        targets = target_counts[len(boundary_outputs)] if target_counts is not None else None
+        if targets is not None:
+            frames = mask.sum(1)
+            fraction = getattr(predictor, "curriculum_fraction", 1.0)  # set by the schedule callback
+            targets = scheduled_counts(
+                frames, targets.to(frames.device).clamp(1, None).minimum(frames), fraction
+            )
+        out = predictor(hidden, mask, target_counts=targets)
+        boundary_outputs.append(out)
+        if out.loss is not None:
+            losses.append(out.loss)
+        return out.pooled, out.pooled_mask
+
+
+def build_predictor(config, hidden_size: int) -> nn.Module:
+    """A :class:`BoundaryPredictor` from the config's shared ``predictor_settings``."""
+
+    return BoundaryPredictor(
+        BoundaryPredictorConfig(hidden_size=hidden_size, **dict(config.predictor_settings))
+    )

@@ -1,0 +1,365 @@
+"""MagnetWhisper: Whisper with boundary predictors inside its encoder, on variable-length input.
+
+The encoder (``models/encoder.py``) runs on the true input length and pools its sequence at predicted
+boundaries; the decoder cross-attends to the real segments only (1-D key mask). With no predictors
+and ``learned`` positions the model *is* Hugging Face Whisper: same state dict, same logits on 30 s
+input. ``rope`` replaces absolute positions with rotary embeddings in encoder self-attention and in
+decoder self- and cross-attention. Generation goes through transformers' Whisper ``generate``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import WhisperConfig, WhisperForConditionalGeneration
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
+from transformers.models.whisper.modeling_whisper import (
+    WhisperDecoder,
+    WhisperModel,
+    WhisperPreTrainedModel,
+    shift_tokens_right,
+)
+
+from magnet_asr.models.attention import RopeWhisperAttention, RotaryEmbedding, additive_mask
+from magnet_asr.models.encoder import MagnetEncoderOutput, MagnetWhisperEncoder
+
+POSITION_ENCODINGS = ("learned", "rope")
+
+
+class MagnetWhisperConfig(WhisperConfig):
+    """``WhisperConfig`` plus boundary predictors, position encoding and fixed-stride convolutions.
+
+    predictor_layers: encoder layer indices k; a predictor pools the sequence *before* layer k
+        (k = encoder_layers pools after the last layer).
+    predictor_settings: keyword arguments of ``BoundaryPredictorConfig`` shared by all predictors
+        (variant, prior, temperature, threshold, pooling, target, loss...).
+    boundary_loss_weight: weight of the predictors' losses added to the ASR loss.
+    position_encoding: ``learned`` (Whisper's embeddings sliced to the input) or ``rope``.
+    extra_conv_strides: fixed-stride convolutions after the conv stem (a fixed-rate baseline).
+    """
+
+    model_type = "magnet_whisper"
+
+    def __init__(
+        self,
+        predictor_layers: list[int] | None = None,
+        predictor_settings: dict[str, Any] | None = None,
+        boundary_loss_weight: float = 1.0,
+        position_encoding: str = "learned",
+        rope_theta: float = 10_000.0,
+        extra_conv_strides: list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.predictor_layers = sorted(int(k) for k in (predictor_layers or []))
+        self.predictor_settings = dict(predictor_settings or {})
+        self.boundary_loss_weight = float(boundary_loss_weight)
+        self.position_encoding = position_encoding
+        self.rope_theta = float(rope_theta)
+        self.extra_conv_strides = [int(s) for s in (extra_conv_strides or [])]
+        self._check()
+
+    def _check(self) -> None:
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(
+                f"position_encoding: '{self.position_encoding}' is not one of {POSITION_ENCODINGS}"
+            )
+        bad = [k for k in self.predictor_layers if not 0 <= k <= self.encoder_layers]
+        if bad:
+            raise ValueError(f"predictor_layers: {bad} outside 0..{self.encoder_layers}")
+        if len(set(self.predictor_layers)) != len(self.predictor_layers):
+            raise ValueError(f"predictor_layers: duplicates in {self.predictor_layers}")
+        if any(s < 2 for s in self.extra_conv_strides):
+            raise ValueError(f"extra_conv_strides: each stride must be >= 2, got {self.extra_conv_strides}")
+
+
+class MagnetWhisperDecoder(WhisperDecoder):
+    """Whisper's decoder with a key mask over the encoder segments, and optional rotary positions."""
+
+    def __init__(self, config: MagnetWhisperConfig) -> None:
+        super().__init__(config)
+        self.rotary: RotaryEmbedding | None = None
+        if config.position_encoding == "rope":
+            self.rotary = RotaryEmbedding(config.d_model // config.decoder_attention_heads, config.rope_theta)
+            for index, layer in enumerate(self.layers):
+                heads, drop = config.decoder_attention_heads, config.attention_dropout
+                layer.self_attn = RopeWhisperAttention(
+                    config.d_model,
+                    heads,
+                    dropout=drop,
+                    is_decoder=True,
+                    is_causal=True,
+                    layer_idx=index,
+                    config=config,
+                )
+                layer.encoder_attn = RopeWhisperAttention(
+                    config.d_model, heads, dropout=drop, is_decoder=True, layer_idx=index, config=config
+                )
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids=None,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds=None,
+        position_ids=None,
+        use_cache=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        """As ``WhisperDecoder.forward``; ``encoder_attention_mask (B, S)`` masks padded encoder segments."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            cache_config = copy.deepcopy(self.config)
+            cache_config.num_hidden_layers = self.config.decoder_layers
+            past_key_values = EncoderDecoderCache(
+                DynamicCache(config=cache_config), DynamicCache(config=cache_config)
+            )
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
+            position_ids = position_ids.unsqueeze(0).repeat(inputs_embeds.shape[0], 1)
+
+        hidden = inputs_embeds
+        layer_kwargs: dict[str, Any] = {}
+        if self.rotary is None:
+            hidden = hidden + self.embed_positions(input_ids, past_length, position_ids=position_ids).to(
+                hidden.device
+            )
+        else:
+            layer_kwargs["rope_query"] = self.rotary(position_ids)
+            segments = torch.arange(encoder_hidden_states.shape[1], device=hidden.device)
+            layer_kwargs["rope_key"] = self.rotary(segments[None].expand(hidden.shape[0], -1))
+        hidden = nn.functional.dropout(hidden, p=self.dropout, training=self.training)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        cross_mask = additive_mask(encoder_attention_mask, hidden.dtype)
+        for layer in self.layers:
+            hidden = self._run_layer(
+                layer,
+                hidden,
+                causal_mask,
+                encoder_hidden_states,
+                cross_mask,
+                past_key_values,
+                use_cache,
+                layer_kwargs,
+            )
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=self.layer_norm(hidden), past_key_values=past_key_values
+        )
+
+    def _run_layer(self, layer, hidden, causal_mask, encoder_hidden, cross_mask, cache, use_cache, rope):
+        if self.rotary is None:
+            return layer(
+                hidden,
+                causal_mask,
+                encoder_hidden,
+                encoder_attention_mask=cross_mask,
+                past_key_values=cache if use_cache else None,
+                use_cache=use_cache,
+            )
+        # Self- and cross-attention need different key positions: run the sub-blocks here.
+        residual = hidden
+        x, _ = layer.self_attn(
+            layer.self_attn_layer_norm(hidden),
+            past_key_values=cache if use_cache else None,
+            attention_mask=causal_mask,
+            rope_query=rope["rope_query"],
+            rope_key=rope["rope_query"],
+        )
+        hidden = residual + nn.functional.dropout(x, p=layer.dropout, training=self.training)
+        residual = hidden
+        x, _ = layer.encoder_attn(
+            layer.encoder_attn_layer_norm(hidden),
+            key_value_states=encoder_hidden,
+            past_key_values=cache if use_cache else None,
+            attention_mask=cross_mask,
+            rope_query=rope["rope_query"],
+            rope_key=rope["rope_key"],
+        )
+        hidden = residual + nn.functional.dropout(x, p=layer.dropout, training=self.training)
+        residual = hidden
+        x = layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden)))
+        x = nn.functional.dropout(x, p=layer.activation_dropout, training=self.training)
+        x = nn.functional.dropout(layer.fc2(x), p=layer.dropout, training=self.training)
+        return residual + x
+
+
+class MagnetWhisperModel(WhisperModel):
+    config_class = MagnetWhisperConfig
+
+    def __init__(self, config: MagnetWhisperConfig) -> None:
+        WhisperPreTrainedModel.__init__(self, config)  # skip WhisperModel's own encoder/decoder
+        self.encoder = MagnetWhisperEncoder(config)
+        self.decoder = MagnetWhisperDecoder(config)
+        self.post_init()
+
+
+@dataclass
+class MagnetWhisperOutput(Seq2SeqLMOutput):
+    """``loss`` = ASR loss + ``boundary_loss_weight`` x boundary loss; both parts are kept separately."""
+
+    asr_loss: torch.FloatTensor | None = None
+    boundary_loss: torch.FloatTensor | None = None
+    encoder_attention_mask: torch.Tensor | None = None
+    frames_before: torch.Tensor | None = None
+    frames_after: torch.Tensor | None = None
+    boundary_outputs: tuple[Any, ...] | None = None
+
+
+class MagnetWhisper(WhisperForConditionalGeneration):
+    """Whisper encoder-decoder with learned boundary compression. A Hugging Face ``PreTrainedModel``."""
+
+    config_class = MagnetWhisperConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config: MagnetWhisperConfig) -> None:
+        WhisperPreTrainedModel.__init__(self, config)  # skip building a plain WhisperModel first
+        self.model = MagnetWhisperModel(config)
+        self.proj_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.max_target_positions = config.max_target_positions
+        self.post_init()
+
+    @classmethod
+    def from_whisper(cls, name_or_path: str, **settings: Any) -> MagnetWhisper:
+        """Build from any Whisper checkpoint (bundled name, local dir or hub name); ``settings`` go to
+        :class:`MagnetWhisperConfig` (``predictor_layers``, ``predictor_settings``, ``position_encoding``...).
+        Predictors and extra convolutions are newly initialized; everything else is loaded."""
+        from magnet_asr.weights import resolve_model
+
+        path = resolve_model(name_or_path)
+        base = WhisperForConditionalGeneration.from_pretrained(path)
+        config = MagnetWhisperConfig(**{**base.config.to_dict(), **settings})
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        new = ("model.encoder.predictors.", "model.encoder.extra_convs.")
+        missing = [k for k in missing if not k.startswith(new)]
+        if missing or unexpected:
+            raise ValueError(
+                f"{name_or_path}: not a Whisper checkpoint (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        model.generation_config = copy.deepcopy(base.generation_config)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):  # type: ignore[override]
+        """As ``PreTrainedModel.from_pretrained``, but a missing or unexpected tensor is an error, not a
+        warning: a silently re-initialized predictor would look trained and be random."""
+        want_info = kwargs.pop("output_loading_info", False)
+        # mismatched shapes are collected (not raised bare) so the error below can name them
+        kwargs.setdefault("ignore_mismatched_sizes", True)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        problems = {
+            k: sorted(v)[:5]
+            for k, v in info.items()
+            if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+        }
+        if problems:
+            detail = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in problems.items())
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: checkpoint does not match the model ({detail})"
+            )
+        return (model, info) if want_info else model
+
+    def get_encoder(self):  # noqa: D102 - the generation mixin asks for it
+        return self.model.encoder
+
+    def forward(  # type: ignore[override]
+        self,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: MagnetEncoderOutput | None = None,
+        past_key_values=None,
+        decoder_inputs_embeds=None,
+        decoder_position_ids=None,
+        labels: torch.LongTensor | None = None,
+        target_counts: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> MagnetWhisperOutput:
+        """``input_features (B, n_mels, T)`` at their true length, ``attention_mask (B, T)`` over mel frames,
+        ``labels (B, N)`` with -100 for padding, ``target_counts (num_predictors, B)``."""
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = shift_tokens_right(
+                labels, self.config.pad_token_id, self.config.decoder_start_token_id
+            )
+        if encoder_outputs is None:
+            encoder_outputs = self.model.encoder(
+                input_features, attention_mask=attention_mask, target_counts=target_counts
+            )
+        decoded = self.model.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=getattr(encoder_outputs, "encoder_attention_mask", None),
+            past_key_values=past_key_values,
+            inputs_embeds=decoder_inputs_embeds,
+            position_ids=decoder_position_ids,
+            use_cache=use_cache,
+        )
+        logits = self.proj_out(decoded.last_hidden_state)
+        asr_loss = loss = None
+        boundary_loss = getattr(encoder_outputs, "boundary_loss", None)
+        if labels is not None:
+            asr_loss = nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+            )
+            loss = (
+                asr_loss
+                if boundary_loss is None
+                else asr_loss + self.config.boundary_loss_weight * boundary_loss
+            )
+        return MagnetWhisperOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=decoded.past_key_values,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            asr_loss=asr_loss,
+            boundary_loss=boundary_loss,
+            encoder_attention_mask=getattr(encoder_outputs, "encoder_attention_mask", None),
+            frames_before=getattr(encoder_outputs, "frames_before", None),
+            frames_after=getattr(encoder_outputs, "frames_after", None),
+            boundary_outputs=getattr(encoder_outputs, "boundary_outputs", None),
+        )
+
+    @torch.no_grad()
+    def encode(
+        self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> MagnetEncoderOutput:
+        """Encoder pass for generation: only what ``generate`` should carry (tensors it can expand)."""
+        out = self.model.encoder(input_features, attention_mask=attention_mask)
+        return MagnetEncoderOutput(
+            last_hidden_state=out.last_hidden_state,
+            encoder_attention_mask=out.encoder_attention_mask,
+            frames_before=out.frames_before,
+            frames_after=out.frames_after,
+        )
+
+    def generate(
+        self,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):  # type: ignore[override]
+        """Whisper ``generate`` on the compressed, variable-length encoder output (no padding to 30 s)."""
+        if input_features is not None and "encoder_outputs" not in kwargs:
+            kwargs["encoder_outputs"] = self.encode(input_features, attention_mask)
+        return super().generate(**kwargs)

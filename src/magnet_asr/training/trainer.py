@@ -1,0 +1,167 @@
+"""``MagnetTrainer``: the Hugging Face ``Trainer`` with what speech models with compression need.
+
+- the boundary losses ride on the model's loss; their parts (ASR loss, boundary loss, compression
+  ratio, train boundary rate) are averaged over each logging window and logged next to ``loss``;
+- a batch whose loss is not finite is skipped (no gradient reaches the optimizer) and counted, and
+  so are samples the collator dropped (``num_skipped``): bad data never ends or poisons a run;
+- dynamic batching by duration (``max_batch_seconds``);
+- separate learning rates per parameter group (projector, predictors, the rest);
+- ``evaluate`` decodes the validation utterances and reports WER (gathered across ranks), so
+  ``metric_for_best_model="wer"`` selects checkpoints by what we care about.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from magnet_asr.data.manifest import Utterance
+from magnet_asr.data.sampler import DurationBatchSampler
+
+
+class MagnetTrainer(Trainer):
+    def __init__(
+        self,
+        *args: Any,
+        make_recognizer: Callable[[torch.nn.Module], Any] | None = None,
+        eval_utterances: Sequence[Utterance] = (),
+        max_batch_seconds: float | None = None,
+        learning_rates: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.make_recognizer = make_recognizer
+        self.eval_utterances = list(eval_utterances)
+        self.max_batch_seconds = max_batch_seconds
+        self.learning_rates = dict(learning_rates or {})  # parameter-name prefix -> learning rate
+        self._window: dict[str, list[float]] = defaultdict(list)
+        self.skipped_samples = 0
+        self.skipped_batches = 0
+
+    # --- data -------------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        if self.max_batch_seconds is None:
+            return super().get_train_dataloader()
+        dataset = self.train_dataset
+        sampler = DurationBatchSampler(
+            dataset.durations,
+            self.max_batch_seconds,
+            max_batch_size=self.args.per_device_train_batch_size,
+            seed=self.args.seed,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        return self.accelerator.prepare(loader)
+
+    # --- optimization -----------------------------------------------------------------------------
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None or not self.learning_rates:
+            return super().create_optimizer()
+        groups: dict[float, list[torch.nn.Parameter]] = defaultdict(list)
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            lr = next(
+                (lr for prefix, lr in self.learning_rates.items() if prefix in name), self.args.learning_rate
+            )
+            groups[lr].append(param)
+        param_groups = [
+            {"params": params, "lr": lr, "weight_decay": self.args.weight_decay}
+            for lr, params in groups.items()
+        ]
+        self.optimizer = torch.optim.AdamW(param_groups, lr=self.args.learning_rate)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.skipped_samples += int(inputs.pop("num_skipped", 0))
+        if "input_features" not in inputs and "input_ids" not in inputs:  # the whole batch was bad
+            self.skipped_batches += 1
+            loss = torch.zeros((), device=self.args.device, requires_grad=True)
+            return (loss, None) if return_outputs else loss
+        outputs = model(**inputs)
+        loss = outputs.loss
+        if not torch.isfinite(loss):
+            # A NaN/Inf here would poison every weight through the optimizer; drop the batch instead.
+            self.skipped_batches += 1
+            loss = torch.zeros((), device=loss.device, requires_grad=True)
+        else:
+            self._record(outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, outputs: Any) -> None:
+        for key in ("asr_loss", "boundary_loss"):
+            value = getattr(outputs, key, None)
+            if value is not None:
+                self._window[key].append(float(value.detach()))
+        before, after = getattr(outputs, "frames_before", None), getattr(outputs, "frames_after", None)
+        if before is not None and after is not None:
+            self._window["compression"].append(float(before.sum()) / max(float(after.sum()), 1.0))
+        for index, out in enumerate(getattr(outputs, "boundary_outputs", None) or ()):
+            rate = float(out.num_boundaries.sum()) / max(float(out.num_positions.sum()), 1.0)
+            self._window[f"boundary_rate_train_{index}"].append(rate)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: attach this window's averages
+            for key, values in self._window.items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+            self._window.clear()
+            logs["skipped_samples"] = self.skipped_samples
+            logs["skipped_batches"] = self.skipped_batches
+            predictors = _predictors(self.model)
+            if predictors:
+                logs["temperature"] = float(getattr(predictors[0], "temperature", math.nan))
+        super().log(logs, start_time)
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        if self.make_recognizer is None or not self.eval_utterances:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        from accelerate.utils import gather_object
+
+        from magnet_asr.evaluation.evaluate import evaluate
+
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        shard = self.eval_utterances[rank::world]
+        summary = evaluate(
+            self.make_recognizer(model), shard, batch_size=self.args.per_device_eval_batch_size
+        )
+        model.train(was_training)
+        pairs = gather_object([(r["reference"], r["hypothesis"]) for r in summary["utterances"]])
+        stats = gather_object(
+            [(summary["encoder_frames"], summary["compressed_frames"], summary["num_skipped"])]
+        )
+        from magnet_asr.text import wer
+
+        metrics = {
+            f"{metric_key_prefix}_wer": wer([p[0] for p in pairs], [p[1] for p in pairs])
+            if pairs
+            else math.nan,
+            f"{metric_key_prefix}_compression": sum(s[0] for s in stats) / max(sum(s[1] for s in stats), 1),
+            f"{metric_key_prefix}_skipped": float(sum(s[2] for s in stats)),
+            f"{metric_key_prefix}_num_utterances": float(len(pairs)),
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def _predictors(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from magnet_asr.compression import BoundaryPredictor
+
+    return [m for m in model.modules() if isinstance(m, BoundaryPredictor)]
