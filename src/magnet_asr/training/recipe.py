@@ -112,7 +112,6 @@ def _training_arguments(cfg: Any, output_dir: Path):
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
-        logging_dir=str(output_dir / "logs"),
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps or None,
         save_strategy="steps",
@@ -148,6 +147,7 @@ def _setup_trainer(cfg: Any, model, tokenizer, data: DataSplits, output_dir: Pat
         model=model,
         args=_training_arguments(cfg, output_dir),
         train_dataset=SpeechDataset(data.train, max_seconds=cfg.data.max_seconds),
+        eval_dataset=SpeechDataset(data.validation, max_seconds=cfg.data.max_seconds),  # decoded by evaluate()
         data_collator=collator,
         make_recognizer=lambda m: MagnetWhisperRecognizer(m, tokenizer, name=cfg.run_name),
         eval_utterances=data.validation,
@@ -175,6 +175,8 @@ def train(cfg: Any) -> dict[str, Any]:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     output_dir = Path(cfg.training.output_dir)
+    # transformers 5 reads the TensorBoard directory from the environment; one fixed place per run
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "logs"))
     torch.manual_seed(cfg.training.seed)
     data = _setup_data(cfg)
     model, tokenizer = _setup_model(cfg)

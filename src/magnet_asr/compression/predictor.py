@@ -1,0 +1,277 @@
+"""Boundary predictors: decide where segments end, pool the frames, and return the boundary loss.
+
+Two variants share one interface, ``BoundaryPredictor(config)(hidden, mask, target_counts)``:
+
+- ``mlp``: an MLP on each frame gives ``p_t = sigmoid(z_t)``, the probability that frame ``t`` ends a
+  segment (dynamic token pooling, Nawrot et al., 2023). The output bias starts at ``logit(prior)``.
+- ``cosine``: H-Net routing (Hwang et al., 2025): ``p_t = (1 - cos(W_q h_{t+1}, W_k h_t)) / 2`` with
+  identity-initialized projections: a segment ends where the next frame stops resembling this one.
+  H-Net marks chunk *starts*; a start at ``t+1`` is an end at ``t`` in our convention.
+
+Training draws a binary Concrete / Gumbel-sigmoid sample (Maddison et al., 2017; Jang et al., 2017)
+``y = sigmoid((z + log u - log(1-u)) / tau)``, thresholds it at 0.5 and passes the soft gradient
+straight through. ``P(y > 0.5) = p`` at any temperature: tau shapes the gradient, not the boundary
+rate (DESIGN.md). Evaluation thresholds ``p`` itself, so train and eval boundary rates differ until
+the probabilities become confident; :mod:`~magnet_asr.compression.monitoring` logs both.
+
+The last real frame of every sample is always a boundary and padding never is; both positions are
+deterministic, so ``probs`` is 1 / 0 there and ``log_prob`` leaves them out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import BoundaryPredictorConfig
+from .losses import binomial_count_loss, ratio_loss, repulsion_loss
+from .pooling import AttentionPooling, frame_mask, last_real_frame, segment_plan, segment_pool
+
+__all__ = ["BoundaryOutput", "BoundaryPredictor", "group_samples", "sinusoidal_positions"]
+
+_PROB_EPS = 1e-6
+
+
+@dataclass
+class BoundaryOutput:
+    """What a predictor returns. ``B`` is ``K * B_in`` for :meth:`BoundaryPredictor.sample`.
+
+    Attributes:
+        boundaries: ``(B, L)`` 0/1; in training it carries the straight-through gradient.
+        probs: ``(B, L)`` boundary probabilities (1 on the last real frame, 0 on padding).
+        pooled: ``(B, S, D)`` segment vectors (plus segment position embeddings if configured).
+        pooled_mask: ``(B, S)`` long, 1 on real segments.
+        loss: scalar weighted boundary loss (0 if no loss is configured).
+        num_boundaries: ``(B,)`` segments per sample (the forced last boundary included).
+        num_positions: ``(B,)`` real frames per sample.
+        log_prob: ``(B,)`` log-probability of the drawn boundaries under independent Bernoulli(p),
+            summed over free positions (differentiable in the predictor's parameters).
+        losses: unweighted loss terms by name, for logging.
+        target_counts: ``(B,)`` the boundary counts the loss aimed at.
+        mask: ``(B, L)`` bool real-frame mask the boundaries were decided under.
+    """
+
+    boundaries: Tensor
+    probs: Tensor
+    pooled: Tensor
+    pooled_mask: Tensor
+    loss: Tensor
+    num_boundaries: Tensor
+    num_positions: Tensor
+    log_prob: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    target_counts: Tensor | None = None
+    mask: Tensor | None = None
+
+
+def sinusoidal_positions(length: int, channels: int, device: torch.device | None = None) -> Tensor:
+    """``(length, channels)`` sinusoidal embeddings, Whisper's formula: ``[sin(t w_i), cos(t w_i)]``,
+    ``w_i = 10000^(-i / (channels/2 - 1))``, so re-embedded segment positions look like the encoder's own."""
+    if channels % 2 or channels < 4:
+        raise ValueError(f"sinusoidal positions need an even channel count >= 4, got {channels}")
+    increment = math.log(10000) / (channels // 2 - 1)
+    inv = torch.exp(-increment * torch.arange(channels // 2, device=device, dtype=torch.float32))
+    angles = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1) * inv.unsqueeze(0)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def group_samples(x: Tensor, num_samples: int) -> Tensor:
+    """View a ``(K * B, ...)`` tensor from :meth:`BoundaryPredictor.sample` as ``(B, K, ...)`` groups."""
+    if x.shape[0] % num_samples:
+        raise ValueError(f"leading size {x.shape[0]} is not a multiple of num_samples={num_samples}")
+    return x.view(x.shape[0] // num_samples, num_samples, *x.shape[1:])
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+class BoundaryPredictor(nn.Module):
+    """Predict segment boundaries on ``hidden (B, L, D)`` and pool to ``(B, S, D)``.
+
+    Schedules change plain attributes during training (see :mod:`.schedules`): ``prior`` (target
+    boundary rate for ``target='fixed'``), ``temperature``, ``loss_weight``, and
+    ``curriculum_fraction`` (1.0 = final compression), which the caller uses to schedule per-utterance
+    target counts with :func:`~magnet_asr.compression.targets.scheduled_counts`.
+    """
+
+    def __init__(self, config: BoundaryPredictorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.prior = config.prior
+        self.temperature = config.temperature
+        self.loss_weight = config.loss_weight
+        self.curriculum_fraction = 1.0
+        dim = config.hidden_size
+        if config.variant == "mlp":
+            inner = config.mlp_hidden_size or dim
+            output = nn.Linear(inner, 1)
+            # Small output weights so every frame starts near the prior rate: an untrained predictor
+            # neither floods the pooled sequence with boundaries nor collapses it to one segment.
+            nn.init.normal_(output.weight, std=0.02 / math.sqrt(inner))
+            nn.init.constant_(output.bias, _logit(config.prior))
+            self.mlp = nn.Sequential(nn.Linear(dim, inner), nn.GELU(), nn.Dropout(config.dropout), output)
+        else:
+            self.q_proj = nn.Linear(dim, dim, bias=False)
+            self.k_proj = nn.Linear(dim, dim, bias=False)
+            with torch.no_grad():  # identity: at init the router compares the frames themselves
+                self.q_proj.weight.copy_(torch.eye(dim))
+                self.k_proj.weight.copy_(torch.eye(dim))
+        self.attention = AttentionPooling(dim) if config.pooling == "attention" else None
+
+    # ---- probabilities -------------------------------------------------------------------------
+    def boundary_logits(self, hidden: Tensor, real: Tensor) -> Tensor:
+        """``(B, L)`` fp32 boundary logits (raw; forced positions are applied by the caller)."""
+        if self.config.variant == "mlp":
+            return self.mlp(hidden).squeeze(-1).float()
+        q = self.q_proj(hidden[:, 1:]).float()
+        k = self.k_proj(hidden[:, :-1]).float()
+        cos = F.cosine_similarity(q, k, dim=-1, eps=1e-8)
+        p = ((1 - cos) / 2).clamp(_PROB_EPS, 1 - _PROB_EPS)
+        # The last position has no successor; it is always forced, so any finite value will do.
+        p = F.pad(p, (0, 1), value=0.5)
+        return torch.log(p) - torch.log1p(-p)
+
+    def _decide(self, logits: Tensor, real: Tensor, forced: Tensor) -> Tensor:
+        """Hard 0/1 boundaries; straight-through in training, thresholded probabilities in eval."""
+        if self.training:
+            soft_logits = logits
+            if self.config.train_sampling == "gumbel":
+                u = torch.rand_like(logits).clamp(_PROB_EPS, 1 - _PROB_EPS)
+                soft_logits = logits + torch.log(u) - torch.log1p(-u)
+            soft = torch.sigmoid(soft_logits / self.temperature)
+            hard = (soft > 0.5).to(soft.dtype)
+            # hard + (soft - soft.detach()) is exactly hard in value (x - x == 0), soft in gradient.
+            decided = hard + (soft - soft.detach())
+        else:
+            decided = (torch.sigmoid(logits) > self.config.threshold).float()
+        decided = torch.where(real, decided, torch.zeros_like(decided))
+        return torch.where(forced, torch.ones_like(decided), decided)
+
+    # ---- public API ----------------------------------------------------------------------------
+    def forward(
+        self, hidden: Tensor, mask: Tensor | None = None, target_counts: Tensor | None = None
+    ) -> BoundaryOutput:
+        """Boundaries, pooled segments and boundary loss for ``hidden (B, L, D)``, ``mask (B, L)``.
+
+        ``target_counts (B,)`` (phoneme / syllable counts, see :mod:`.targets`) are required in
+        training when ``config.target`` is not ``'fixed'``; without them the loss aims at ``prior``.
+        """
+        real = self._check(hidden, mask)
+        forced = last_real_frame(real)
+        logits = self.boundary_logits(hidden, real)
+        boundaries = self._decide(logits, real, forced)
+        return self._finish(hidden, real, forced, logits, boundaries, target_counts)
+
+    def sample(
+        self,
+        hidden: Tensor,
+        mask: Tensor | None = None,
+        num_samples: int = 1,
+        target_counts: Tensor | None = None,
+    ) -> BoundaryOutput:
+        """Draw ``K = num_samples`` Bernoulli(p) boundary sets per input, for reinforcement learning.
+
+        Layout is input-major: row ``i * K + k`` is draw ``k`` of input ``i``, so
+        ``group_samples(x, K)`` gives ``(B, K, ...)`` groups for GRPO's per-input advantage
+        normalization. Boundaries carry no gradient; ``log_prob`` does (REINFORCE / GRPO), and the
+        pooled vectors keep their exact gradient to ``hidden``. Works in train and eval mode alike.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        real = self._check(hidden, mask)
+        logits = self.boundary_logits(hidden, real).repeat_interleave(num_samples, dim=0)
+        hidden = hidden.repeat_interleave(num_samples, dim=0)
+        real = real.repeat_interleave(num_samples, dim=0)
+        forced = last_real_frame(real)
+        draws = torch.bernoulli(torch.sigmoid(logits.detach()))
+        boundaries = torch.where(
+            forced, torch.ones_like(draws), torch.where(real, draws, torch.zeros_like(draws))
+        )
+        if target_counts is not None:
+            target_counts = target_counts.repeat_interleave(num_samples, dim=0)
+        return self._finish(hidden, real, forced, logits, boundaries, target_counts)
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _check(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
+        if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"hidden must be (B, L, {self.config.hidden_size}), got shape {tuple(hidden.shape)}"
+            )
+        return frame_mask(mask, hidden.shape[0], hidden.shape[1], hidden.device)
+
+    def _finish(
+        self,
+        hidden: Tensor,
+        real: Tensor,
+        forced: Tensor,
+        logits: Tensor,
+        boundaries: Tensor,
+        target_counts: Tensor | None,
+    ) -> BoundaryOutput:
+        free = real & ~forced
+        probs = torch.sigmoid(logits).masked_fill(~real, 0.0).masked_fill(forced, 1.0)
+        hard = boundaries.detach()
+        # Bernoulli log-likelihood from logits (stable): b log p + (1 - b) log(1 - p) on free positions.
+        log_prob = -(F.binary_cross_entropy_with_logits(logits, hard, reduction="none") * free).sum(dim=1)
+        plan = segment_plan(hard, real)
+        scores = self.attention.scores(hidden) if self.attention is not None else None
+        pooled, pooled_mask = segment_pool(hidden, boundaries, real, scores=scores, plan=plan)
+        if self.config.reembed_positions:
+            positions = sinusoidal_positions(pooled.shape[1], pooled.shape[2], device=pooled.device)
+            pooled = pooled + positions.to(pooled.dtype).unsqueeze(0) * pooled_mask.unsqueeze(-1).to(
+                pooled.dtype
+            )
+        num_positions = real.sum(dim=1)
+        counts = self._target_counts(num_positions, target_counts)
+        losses = self._losses(boundaries, probs, real, counts)
+        weights = self.config.loss_weights or ()
+        total = sum((w * losses[n] for n, w in zip(self.config.loss, weights)), probs.new_zeros(()))
+        return BoundaryOutput(
+            boundaries=boundaries,
+            probs=probs,
+            pooled=pooled,
+            pooled_mask=pooled_mask,
+            loss=self.loss_weight * total,
+            num_boundaries=plan.counts,
+            num_positions=num_positions,
+            log_prob=log_prob,
+            losses=losses,
+            target_counts=counts,
+            mask=real,
+        )
+
+    def _target_counts(self, num_positions: Tensor, target_counts: Tensor | None) -> Tensor:
+        if target_counts is None:
+            if self.config.target != "fixed" and self.training and self.config.loss:
+                raise ValueError(
+                    f"config.target={self.config.target!r} needs target_counts in training "
+                    "(see magnet_asr.compression.targets.transcript_counts)"
+                )
+            return num_positions.float() * self.prior
+        target_counts = torch.as_tensor(target_counts, device=num_positions.device).float()
+        if target_counts.shape != num_positions.shape:
+            raise ValueError(
+                f"target_counts {tuple(target_counts.shape)} must be ({num_positions.shape[0]},)"
+            )
+        return target_counts
+
+    def _losses(self, boundaries: Tensor, probs: Tensor, real: Tensor, counts: Tensor) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        for name in self.config.loss:
+            if name == "binomial":
+                losses[name] = binomial_count_loss(boundaries, real, target_counts=counts)
+            elif name == "ratio":
+                losses[name] = ratio_loss(boundaries, probs, real, target_counts=counts)
+            else:
+                losses[name] = repulsion_loss(boundaries, real, distance=self.config.repulsion_distance)
+        return losses
+
+    def extra_repr(self) -> str:
+        c = self.config
+        losses = ",".join(c.loss) or "none"
+        return f"variant={c.variant}, prior={self.prior:g}, pooling={c.pooling}, loss={losses}"
