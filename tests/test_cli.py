@@ -77,12 +77,20 @@ def test_eval_skips_and_lists_bad_files(tmp_path, speech, bad_files):
         {"id": "good", "audio": str(speech), "text": SENTENCE, "duration": 5.0, "split": "test"},
         {"id": "corrupt", "audio": str(corrupt), "text": "x y z", "duration": 1.0, "split": "test"},
         {"id": "empty", "audio": str(empty), "text": "x y z", "duration": 1.0, "split": "test"},
-        {"id": "missing", "audio": str(tmp_path / "nope.wav"), "text": "x y z", "duration": 1.0, "split": "test"},
+        {
+            "id": "missing",
+            "audio": str(tmp_path / "nope.wav"),
+            "text": "x y z",
+            "duration": 1.0,
+            "split": "test",
+        },
         {"id": "no-text", "audio": str(speech), "text": "  ", "duration": 5.0, "split": "test"},
     ]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "result.json"
-    proc = run_cli("eval", "--model", "whisper-tiny.en", "--data", str(manifest), "--split", "test", "--out", str(out))
+    proc = run_cli(
+        "eval", "--model", "whisper-tiny.en", "--data", str(manifest), "--split", "test", "--out", str(out)
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["num_utterances"] == 1 and result["num_skipped"] == 4

@@ -53,7 +53,9 @@ def validate(
         raise AudioError(f"{name}: audio is silent (peak below {SILENCE_PEAK:g})")
     seconds = audio.size / SAMPLE_RATE
     if max_seconds is not None and seconds > max_seconds:
-        raise AudioError(f"{name}: audio is {seconds:.1f} s long, longer than the maximum of {max_seconds:g} s")
+        raise AudioError(
+            f"{name}: audio is {seconds:.1f} s long, longer than the maximum of {max_seconds:g} s"
+        )
     return audio
 
 
@@ -131,7 +133,9 @@ def mel_filters(n_mels: int = 80) -> torch.Tensor:
     return torch.from_numpy(np.asarray(fb, dtype=np.float32)).T.contiguous()
 
 
-def log_mel_spectrogram(audio: np.ndarray | torch.Tensor, n_mels: int = 80, pad_to: int | None = None) -> torch.Tensor:
+def log_mel_spectrogram(
+    audio: np.ndarray | torch.Tensor, n_mels: int = 80, pad_to: int | None = None
+) -> torch.Tensor:
     """Whisper log-mel features of one waveform.
 
     ``audio``: ``(num_samples,)`` at 16 kHz. ``pad_to``: pad the *waveform* with silence to this many

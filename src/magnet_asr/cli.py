@@ -79,7 +79,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magnet-asr", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="magnet-asr", description="Speech recognition on Whisper with learned boundary compression."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("weights", help="convert the bundled pretrained weights into the cache")
@@ -122,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="Hydra overrides (group=option, key=value, +experiments=NAME)"
     )
     p.set_defaults(func=_cmd_train)
+
+    from magnet_asr.remote.cli import add_remote_parser
+
+    add_remote_parser(sub)  # `magnet-asr remote deploy|start|attach`
 
     p = sub.add_parser("demo", help="the main job on the embedded defaults (what `make demo` runs)")
     p.add_argument("--out", default="runs/demo")

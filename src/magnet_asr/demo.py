@@ -30,7 +30,12 @@ def run_demo(out_dir: str | Path = "runs/demo", limit: int | None = None, batch_
     for model in DEMO_MODELS:
         for corpus, split in DEMO_DATA:
             summary = run_eval(
-                model, corpus, split=split, batch_size=batch_size, limit=limit, out=out / f"eval_{model}_{corpus}.json"
+                model,
+                corpus,
+                split=split,
+                batch_size=batch_size,
+                limit=limit,
+                out=out / f"eval_{model}_{corpus}.json",
             )
             rows.append(table_row(summary))
             print(markdown_table(rows[-1:]))

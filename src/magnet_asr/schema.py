@@ -39,6 +39,11 @@ class CompressorConfig:
     loss: str = "binomial"  # binomial | ratio | repulsion
     loss_weight: float = 1.0
     reembed_positions: bool = False
+    # gumbel: binary Concrete sample in training (rate = p, so eval at p > threshold differs; DESIGN.md);
+    # threshold: the eval decision in training too, straight-through on p (H-Net)
+    train_sampling: str = "gumbel"
+    repulsion_distance: int = 2
+    input_norm: bool = True  # LayerNorm before the mlp predictor (Whisper's activations are large)
     # schedules (magnet_asr.compression.schedules), driven by training.callbacks.ScheduleCallback
     temperature_end: float | None = None  # anneal the Gumbel temperature to this value
     curriculum: str = "none"  # none | linear | cosine | staircase: compression from 1x to the target
@@ -52,6 +57,9 @@ class ProjectorConfig:
     stack: int = 4  # frames stacked per audio token (k=4: 12.5 tokens/s)
     hidden_size: int = 1024
     dropout: float = 0.0
+    # SpeechLLM: memory for the outputs of a frozen encoder without predictors (the projector's inputs,
+    # the same every epoch), cached by utterance; 0 disables
+    encoder_cache_gb: float = 2.0
 
 
 @dataclass
@@ -63,6 +71,14 @@ class LLMConfig:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     prompt: str = "Transcribe the audio."
+    system_prompt: str | None = None  # None: the chat template's own default system turn
+    gradient_checkpointing: bool = False
+    # decoding (SpeechLLM generate)
+    num_beams: int = 1
+    max_new_tokens_per_second: float = 10.0  # per-sample cap: 16 + rate x seconds of audio
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    loop_guard: bool = True  # stop and trim repetition loops
 
 
 @dataclass
@@ -99,6 +115,15 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = None  # path, or `auto` for the newest complete checkpoint
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     device: str = "auto"
+    # GRPO on the boundary predictors instead of supervised training (magnet_asr.training.grpo)
+    grpo: bool = False
+    grpo_num_samples: int = 4  # K boundary configurations per utterance
+    grpo_penalty: str = "count"  # count | boundary | none: compression penalty in the reward
+    grpo_penalty_weight: float = 1.0  # lambda: reward = -ASR loss - lambda * penalty
+    grpo_clip_epsilon: float | None = 0.2  # PPO clip range; null: unclipped
+    grpo_num_iterations: int = 1  # optimizer steps per rollout (the ratio differs from 1 from the 2nd on)
+    grpo_asr_loss_weight: float = 0.0  # also train on the sampled configurations' ASR loss (train_all)
+    grpo_train_all: bool = False  # false: only the predictors train
 
 
 @dataclass

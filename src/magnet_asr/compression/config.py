@@ -43,6 +43,7 @@ class BoundaryPredictorConfig:
             (H-Net's deterministic ``p > 0.5`` in training too, straight-through on ``p``).
         mlp_hidden_size: inner width of the ``mlp`` variant (default ``hidden_size``).
         dropout: dropout inside the MLP.
+        input_norm: LayerNorm on the frames before the ``mlp`` variant (for encoders with large activations).
     """
 
     hidden_size: int
@@ -60,6 +61,7 @@ class BoundaryPredictorConfig:
     train_sampling: str = "gumbel"
     mlp_hidden_size: int | None = None
     dropout: float = 0.0
+    input_norm: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, str):

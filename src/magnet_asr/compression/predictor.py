@@ -113,8 +113,17 @@ class BoundaryPredictor(nn.Module):
             # Small output weights so every frame starts near the prior rate: an untrained predictor
             # neither floods the pooled sequence with boundaries nor collapses it to one segment.
             nn.init.normal_(output.weight, std=0.02 / math.sqrt(inner))
-            nn.init.constant_(output.bias, _logit(config.prior))
-            self.mlp = nn.Sequential(nn.Linear(dim, inner), nn.GELU(), nn.Dropout(config.dropout), output)
+            # Gumbel sampling fires at rate p, so a bias at the prior starts at the prior rate. The
+            # deterministic `threshold` decision (logit > 0) would fire nowhere from that bias; it starts
+            # at logit 0 instead (about one boundary per two frames) and the count loss pulls it down.
+            bias = _logit(config.prior) if config.train_sampling == "gumbel" else 0.0
+            nn.init.constant_(output.bias, bias)
+            # Optional LayerNorm first: Whisper's activations are large and vary by layer and checkpoint;
+            # normalized inputs keep the logits (and the learning rate that suits them) on one scale.
+            norm = [nn.LayerNorm(dim)] if config.input_norm else []
+            self.mlp = nn.Sequential(
+                *norm, nn.Linear(dim, inner), nn.GELU(), nn.Dropout(config.dropout), output
+            )
         else:
             self.q_proj = nn.Linear(dim, dim, bias=False)
             self.k_proj = nn.Linear(dim, dim, bias=False)

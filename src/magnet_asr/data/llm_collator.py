@@ -135,6 +135,8 @@ class ChatPrompt:
         ``padding_side='right'`` for training and scoring (positions 0.. per sample, so logits do not
         depend on the batch); ``'left'`` for generation (every prompt ends at the last column).
         """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if responses is not None and len(responses) != len(audio_counts):
             raise ValueError(f"{len(responses)} responses for {len(audio_counts)} audio samples")
         rows = [self.sequence(int(n), responses[i] if responses else ()) for i, n in enumerate(audio_counts)]

@@ -130,9 +130,16 @@ class MagnetWhisperRecognizer(WhisperRecognizer):
         return [Transcription(t.strip(), int(b), int(a)) for t, b, a in zip(texts, before, after)]
 
 
+def _load_speech_llm(path: str, device: str = "cpu") -> Recognizer:
+    from magnet_asr.evaluation.speech_llm_decode import SpeechLLMRecognizer
+
+    return SpeechLLMRecognizer.from_pretrained(path, device)
+
+
 LOADERS: dict[str, Callable[[str, str], Recognizer]] = {
     "whisper": WhisperRecognizer.from_pretrained,
     "magnet_whisper": MagnetWhisperRecognizer.from_pretrained,
+    "speech_llm": _load_speech_llm,
 }
 
 

@@ -32,6 +32,11 @@ class MagnetEncoderOutput(BaseModelOutput):
 
     ``frames_before`` / ``frames_after`` (B,): real encoder frames before the first predictor (after the
     conv stem) and after the last one. ``boundary_loss``: summed, weighted predictor losses (training).
+
+    With ``num_boundary_samples = K > 0`` (reinforcement learning, :mod:`magnet_asr.training.grpo`) every
+    per-sample tensor has ``K * B`` rows, input-major (row ``i * K + k`` is draw ``k`` of input ``i``);
+    ``boundary_log_prob (K*B,)`` is the log-probability of the drawn boundaries summed over predictors,
+    and ``predictor_inputs`` holds the ``(hidden, mask)`` each predictor decided on (the policy's state).
     """
 
     encoder_attention_mask: torch.Tensor | None = None
@@ -39,6 +44,8 @@ class MagnetEncoderOutput(BaseModelOutput):
     frames_after: torch.Tensor | None = None
     boundary_loss: torch.Tensor | None = None
     boundary_outputs: tuple[Any, ...] | None = None
+    boundary_log_prob: torch.Tensor | None = None
+    predictor_inputs: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
 
 
 def stride_mask(mask: torch.Tensor, stride: int) -> torch.Tensor:
@@ -118,10 +125,19 @@ class MagnetWhisperEncoder(nn.Module):
         input_features: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         target_counts: torch.Tensor | None = None,
+        num_boundary_samples: int = 0,
         **kwargs: Any,
     ) -> MagnetEncoderOutput:
         """``input_features (B, n_mels, T)``, ``attention_mask (B, T)`` over mel frames (None = all real),
-        ``target_counts (num_predictors, B)`` per-utterance boundary targets (optional)."""
+        ``target_counts (num_predictors, B)`` per-utterance boundary targets (optional).
+
+        ``num_boundary_samples = K > 0``: the first predictor draws ``K`` Bernoulli boundary sets per input
+        (:meth:`~magnet_asr.compression.BoundaryPredictor.sample`), later predictors one per row, so the
+        output has ``K * B`` rows, input-major (see :class:`MagnetEncoderOutput`)."""
+        if num_boundary_samples < 0:
+            raise ValueError(f"num_boundary_samples must be >= 0, got {num_boundary_samples}")
+        if num_boundary_samples and not len(self.predictors):
+            raise ValueError("num_boundary_samples needs at least one boundary predictor")
         hidden, mask = self._stem(input_features, attention_mask)
         for conv in self.extra_convs:
             if mask is None:
@@ -140,14 +156,21 @@ class MagnetWhisperEncoder(nn.Module):
             mask.sum(1) if mask is not None else torch.full((hidden.shape[0],), length, device=hidden.device)
         )
 
-        boundary_outputs, losses = [], []
+        boundary_outputs, losses, inputs = [], [], []
+        sampling = {"num_samples": num_boundary_samples, "inputs": inputs}
         for index, layer in enumerate(self.layers):
-            hidden, mask = self._maybe_pool(index, hidden, mask, target_counts, boundary_outputs, losses)
+            hidden, mask = self._maybe_pool(
+                index, hidden, mask, target_counts, boundary_outputs, losses, **sampling
+            )
             hidden = layer(hidden, additive_mask(mask, hidden.dtype), **self._rope_kwargs(hidden))
         hidden, mask = self._maybe_pool(
-            len(self.layers), hidden, mask, target_counts, boundary_outputs, losses
+            len(self.layers), hidden, mask, target_counts, boundary_outputs, losses, **sampling
         )
         hidden = apply_mask(self.layer_norm(hidden), mask)
+        log_prob = None
+        if num_boundary_samples:
+            frames_before = frames_before.repeat_interleave(num_boundary_samples, dim=0)
+            log_prob = torch.stack([out.log_prob for out in boundary_outputs]).sum(0)
         frames_after = mask.sum(1) if mask is not None else torch.full_like(frames_before, hidden.shape[1])
         return MagnetEncoderOutput(
             last_hidden_state=hidden,
@@ -156,9 +179,13 @@ class MagnetWhisperEncoder(nn.Module):
             frames_after=frames_after,
             boundary_loss=torch.stack(losses).sum() if losses else None,
             boundary_outputs=tuple(boundary_outputs) or None,
+            boundary_log_prob=log_prob,
+            predictor_inputs=tuple(inputs) if num_boundary_samples else None,
         )
 
-    def _maybe_pool(self, index, hidden, mask, target_counts, boundary_outputs, losses):
+    def _maybe_pool(
+        self, index, hidden, mask, target_counts, boundary_outputs, losses, num_samples=0, inputs=None
+    ):
         key = str(index)
         if key not in self.predictors:
             return hidden, mask
@@ -167,12 +194,21 @@ class MagnetWhisperEncoder(nn.Module):
         predictor = self.predictors[key]
         targets = target_counts[len(boundary_outputs)] if target_counts is not None else None
         if targets is not None:
+            # rows already multiplied by an earlier sampling predictor: repeat the targets likewise
+            if targets.shape[0] != hidden.shape[0]:
+                targets = targets.repeat_interleave(hidden.shape[0] // targets.shape[0], dim=0)
             frames = mask.sum(1)
             fraction = getattr(predictor, "curriculum_fraction", 1.0)  # set by the schedule callback
             targets = scheduled_counts(
                 frames, targets.to(frames.device).clamp(1, None).minimum(frames), fraction
             )
-        out = predictor(hidden, mask, target_counts=targets)
+        if num_samples:
+            # the first predictor draws K boundary sets per input; later ones one per (already K-fold) row
+            inputs.append((hidden, mask))
+            draws = 1 if boundary_outputs else num_samples
+            out = predictor.sample(hidden, mask, num_samples=draws, target_counts=targets)
+        else:
+            out = predictor(hidden, mask, target_counts=targets)
         boundary_outputs.append(out)
         if out.loss is not None:
             losses.append(out.loss)

@@ -219,6 +219,8 @@ class MagnetWhisperOutput(Seq2SeqLMOutput):
     frames_before: torch.Tensor | None = None
     frames_after: torch.Tensor | None = None
     boundary_outputs: tuple[Any, ...] | None = None
+    boundary_log_prob: torch.Tensor | None = None
+    predictor_inputs: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
 
 
 class MagnetWhisper(WhisperForConditionalGeneration):
@@ -293,17 +295,33 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         labels: torch.LongTensor | None = None,
         target_counts: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        num_boundary_samples: int = 0,
         **kwargs: Any,
     ) -> MagnetWhisperOutput:
         """``input_features (B, n_mels, T)`` at their true length, ``attention_mask (B, T)`` over mel frames,
-        ``labels (B, N)`` with -100 for padding, ``target_counts (num_predictors, B)``."""
+        ``labels (B, N)`` with -100 for padding, ``target_counts (num_predictors, B)``.
+
+        ``num_boundary_samples = K > 0`` (GRPO, :mod:`magnet_asr.training.grpo`): the encoder draws ``K``
+        boundary configurations per input in one batched pass; labels and decoder inputs (given per input)
+        are repeated input-major, so logits and per-sample outputs have ``K * B`` rows (row ``i * K + k``
+        is draw ``k`` of input ``i``) and ``boundary_log_prob (K*B,)`` is each draw's log-probability."""
+        if num_boundary_samples:
+            if encoder_outputs is not None:
+                raise ValueError("num_boundary_samples draws boundaries in the encoder: pass input_features")
+            labels, decoder_input_ids, decoder_attention_mask = (
+                None if x is None else x.repeat_interleave(num_boundary_samples, dim=0)
+                for x in (labels, decoder_input_ids, decoder_attention_mask)
+            )
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = shift_tokens_right(
                 labels, self.config.pad_token_id, self.config.decoder_start_token_id
             )
         if encoder_outputs is None:
             encoder_outputs = self.model.encoder(
-                input_features, attention_mask=attention_mask, target_counts=target_counts
+                input_features,
+                attention_mask=attention_mask,
+                target_counts=target_counts,
+                num_boundary_samples=num_boundary_samples,
             )
         decoded = self.model.decoder(
             input_ids=decoder_input_ids,
@@ -338,6 +356,8 @@ class MagnetWhisper(WhisperForConditionalGeneration):
             frames_before=getattr(encoder_outputs, "frames_before", None),
             frames_after=getattr(encoder_outputs, "frames_after", None),
             boundary_outputs=getattr(encoder_outputs, "boundary_outputs", None),
+            boundary_log_prob=getattr(encoder_outputs, "boundary_log_prob", None),
+            predictor_inputs=getattr(encoder_outputs, "predictor_inputs", None),
         )
 
     @torch.no_grad()

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,25 +63,38 @@ def predictor_settings(cfg: Any) -> dict[str, Any]:
         "loss": [c.loss] if c.loss else [],
         "loss_weight": c.loss_weight,
         "reembed_positions": c.reembed_positions,
+        "train_sampling": c.train_sampling,
+        "repulsion_distance": c.repulsion_distance,
+        "input_norm": c.input_norm and c.variant == "mlp",
     }
 
 
-def _setup_model(cfg: Any) -> tuple[torch.nn.Module, Any]:
+@dataclass
+class ModelSetup:
+    """What a model family gives the shared recipe."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    make_recognizer: Callable[[torch.nn.Module], Any]
+    learning_rates: dict[str, float] = field(default_factory=dict)
+
+
+def _setup_magnet_whisper(cfg: Any) -> ModelSetup:
     from transformers import AutoTokenizer
 
+    from magnet_asr.data.collator import WhisperCollator
+    from magnet_asr.evaluation.decode import MagnetWhisperRecognizer
     from magnet_asr.models import MagnetWhisper
     from magnet_asr.weights import resolve_model
 
-    if cfg.model != "magnet_whisper":
-        raise ValueError(f"model: '{cfg.model}' has no training recipe yet")
     settings: dict[str, Any] = {
         "position_encoding": cfg.encoder.position_encoding,
         "extra_conv_strides": list(cfg.encoder.extra_conv_strides),
     }
     if cfg.compressor.enabled:
         settings.update(
-            predictor_layers=list(cfg.compressor.layers),
-            predictor_settings=predictor_settings(cfg),
+            predictor_layers=list(cfg.compressor.layers), predictor_settings=predictor_settings(cfg)
         )
     model = MagnetWhisper.from_whisper(cfg.encoder.name, **settings)
     if cfg.encoder.freeze:
@@ -89,7 +103,29 @@ def _setup_model(cfg: Any) -> tuple[torch.nn.Module, Any]:
     if cfg.encoder.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.encoder.name))
-    return model, tokenizer
+    collator = WhisperCollator(
+        tokenizer,
+        n_mels=model.config.num_mel_bins,
+        target=cfg.compressor.target if cfg.compressor.enabled else None,
+        num_predictors=len(model.config.predictor_layers),
+    )
+    rates = {}
+    if cfg.training.predictor_learning_rate is not None:
+        rates["predictors."] = cfg.training.predictor_learning_rate
+    return ModelSetup(
+        model, tokenizer, collator, lambda m: MagnetWhisperRecognizer(m, tokenizer, name=cfg.run_name), rates
+    )
+
+
+def _setup_model(cfg: Any) -> ModelSetup:
+    if cfg.model == "magnet_whisper":
+        return _setup_magnet_whisper(cfg)
+    if cfg.model == "speech_llm":
+        from magnet_asr.training.speech_llm import setup_speech_llm
+
+        model, tokenizer, collator, make_recognizer, rates = setup_speech_llm(cfg)
+        return ModelSetup(model, tokenizer, collator, make_recognizer, rates)
+    raise ValueError(f"model: '{cfg.model}' cannot be trained (choose magnet_whisper or speech_llm)")
 
 
 def _training_arguments(cfg: Any, output_dir: Path):
@@ -128,31 +164,22 @@ def _training_arguments(cfg: Any, output_dir: Path):
     )
 
 
-def _setup_trainer(cfg: Any, model, tokenizer, data: DataSplits, output_dir: Path):
-    from magnet_asr.data.collator import SpeechDataset, WhisperCollator
-    from magnet_asr.evaluation.decode import MagnetWhisperRecognizer
+def _setup_trainer(cfg: Any, setup: ModelSetup, data: DataSplits, output_dir: Path):
+    from magnet_asr.data.collator import SpeechDataset
     from magnet_asr.training.callbacks import ScheduleCallback
     from magnet_asr.training.trainer import MagnetTrainer
 
-    collator = WhisperCollator(
-        tokenizer,
-        n_mels=model.config.num_mel_bins,
-        target=cfg.compressor.target if cfg.compressor.enabled else None,
-        num_predictors=len(model.config.predictor_layers),
-    )
-    rates = {}
-    if cfg.training.predictor_learning_rate is not None:
-        rates["predictors."] = cfg.training.predictor_learning_rate
     return MagnetTrainer(
-        model=model,
+        model=setup.model,
         args=_training_arguments(cfg, output_dir),
         train_dataset=SpeechDataset(data.train, max_seconds=cfg.data.max_seconds),
-        eval_dataset=SpeechDataset(data.validation, max_seconds=cfg.data.max_seconds),  # decoded by evaluate()
-        data_collator=collator,
-        make_recognizer=lambda m: MagnetWhisperRecognizer(m, tokenizer, name=cfg.run_name),
+        # evaluate() decodes eval_utterances; the dataset only tells the Trainer there is evaluation
+        eval_dataset=SpeechDataset(data.validation, max_seconds=cfg.data.max_seconds),
+        data_collator=setup.collator,
+        make_recognizer=setup.make_recognizer,
         eval_utterances=data.validation,
         max_batch_seconds=cfg.training.max_batch_seconds,
-        learning_rates=rates,
+        learning_rates=setup.learning_rates,
         callbacks=[ScheduleCallback.from_config(cfg)],
     )
 
@@ -170,7 +197,6 @@ def _resume_path(cfg: Any, output_dir: Path) -> str | bool | None:
 
 def train(cfg: Any) -> dict[str, Any]:
     """Run a whole training job from a composed run config; returns the final results."""
-    from magnet_asr.evaluation.decode import MagnetWhisperRecognizer
     from magnet_asr.evaluation.evaluate import evaluate, write_json
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -179,8 +205,8 @@ def train(cfg: Any) -> dict[str, Any]:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "logs"))
     torch.manual_seed(cfg.training.seed)
     data = _setup_data(cfg)
-    model, tokenizer = _setup_model(cfg)
-    trainer = _setup_trainer(cfg, model, tokenizer, data, output_dir)
+    setup = _setup_model(cfg)
+    trainer = _setup_trainer(cfg, setup, data, output_dir)
     world = trainer.accelerator.num_processes
     effective = cfg.training.per_device_batch_size * cfg.training.gradient_accumulation_steps * world
     if trainer.is_world_process_zero():
@@ -190,31 +216,35 @@ def train(cfg: Any) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=_resume_path(cfg, output_dir))
     final_dir = output_dir / "final"
     trainer.save_model(str(final_dir))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(final_dir))
-    results: dict[str, Any] = {"run_name": cfg.run_name, "model_dir": str(final_dir), "test": {}}
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    recognizer = MagnetWhisperRecognizer(model, tokenizer, name=cfg.run_name)
+    # One line per rank: under DDP every rank must end with the same weights.
+    print(f"rank {trainer.accelerator.process_index} weights checksum {weights_checksum(model)}", flush=True)
+    if not trainer.is_world_process_zero():
+        return {}
+    setup.tokenizer.save_pretrained(str(final_dir))
+    results: dict[str, Any] = {"run_name": cfg.run_name, "model_dir": str(final_dir), "test": {}}
+    recognizer = setup.make_recognizer(model)
+    batch_size = cfg.training.per_device_batch_size
     for spec, utterances in data.test.items():
-        summary = evaluate(
-            recognizer,
-            utterances,
-            batch_size=cfg.training.per_device_batch_size,
-            data_name=spec,
-            split="test",
-        )
+        summary = evaluate(recognizer, utterances, batch_size=batch_size, data_name=spec, split="test")
         results["test"][spec] = {k: v for k, v in summary.items() if k != "utterances"}
-        if trainer.is_world_process_zero():
-            write_json(summary, output_dir / f"test_{spec}.json")
+        write_json(summary, output_dir / f"test_{Path(spec).stem}.json")
     results["train_skipped_samples"] = trainer.skipped_samples
-    if trainer.is_world_process_zero():
-        write_json(results, output_dir / "results.json")
-        print(
-            json.dumps(
-                {
-                    k: {kk: v.get(kk) for kk in ("wer", "mean_compression", "rtfx")}
-                    for k, v in results["test"].items()
-                }
-            )
-        )
+    results["train_skipped_batches"] = trainer.skipped_batches
+    write_json(results, output_dir / "results.json")
+    brief = {
+        k: {m: v.get(m) for m in ("wer", "mean_compression", "rtfx")} for k, v in results["test"].items()
+    }
+    print(json.dumps(brief))
     return results
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """A short hash of every parameter's bytes (compares weights across ranks or runs)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -32,7 +32,9 @@ def _encoder_settings(cfg: Any) -> dict[str, Any]:
         "extra_conv_strides": list(cfg.encoder.extra_conv_strides),
     }
     if cfg.compressor.enabled:
-        settings.update(predictor_layers=list(cfg.compressor.layers), predictor_settings=predictor_settings(cfg))
+        settings.update(
+            predictor_layers=list(cfg.compressor.layers), predictor_settings=predictor_settings(cfg)
+        )
     return settings
 
 

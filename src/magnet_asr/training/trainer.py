@@ -13,8 +13,11 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +26,8 @@ from transformers import Trainer
 
 from magnet_asr.data.manifest import Utterance
 from magnet_asr.data.sampler import DurationBatchSampler
+
+STAGING_PREFIX = ".tmp-checkpoint"
 
 
 class MagnetTrainer(Trainer):
@@ -36,11 +41,14 @@ class MagnetTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # compute_loss returns the model's mean loss; the Trainer must scale it for accumulation itself
+        self.model_accepts_loss_kwargs = False
         self.make_recognizer = make_recognizer
         self.eval_utterances = list(eval_utterances)
         self.max_batch_seconds = max_batch_seconds
         self.learning_rates = dict(learning_rates or {})  # parameter-name prefix -> learning rate
         self._window: dict[str, list[float]] = defaultdict(list)
+        self._counts: dict[str, float] = defaultdict(float)
         self.skipped_samples = 0
         self.skipped_batches = 0
 
@@ -103,12 +111,14 @@ class MagnetTrainer(Trainer):
             value = getattr(outputs, key, None)
             if value is not None:
                 self._window[key].append(float(value.detach()))
+        # frame counts are summed over the window, so ratios are of totals, not means of per-batch ratios
         before, after = getattr(outputs, "frames_before", None), getattr(outputs, "frames_after", None)
         if before is not None and after is not None:
-            self._window["compression"].append(float(before.sum()) / max(float(after.sum()), 1.0))
+            self._counts["frames_before"] += float(before.sum())
+            self._counts["frames_after"] += float(after.sum())
         for index, out in enumerate(getattr(outputs, "boundary_outputs", None) or ()):
-            rate = float(out.num_boundaries.sum()) / max(float(out.num_positions.sum()), 1.0)
-            self._window[f"boundary_rate_train_{index}"].append(rate)
+            self._counts[f"boundaries_{index}"] += float(out.num_boundaries.sum())
+            self._counts[f"positions_{index}"] += float(out.num_positions.sum())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: attach this window's averages
@@ -116,12 +126,60 @@ class MagnetTrainer(Trainer):
                 if values:
                     logs[key] = sum(values) / len(values)
             self._window.clear()
+            logs.update(self._ratios())
             logs["skipped_samples"] = self.skipped_samples
             logs["skipped_batches"] = self.skipped_batches
             predictors = _predictors(self.model)
             if predictors:
                 logs["temperature"] = float(getattr(predictors[0], "temperature", math.nan))
         super().log(logs, start_time)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write ``checkpoint-N`` atomically: into ``.tmp-checkpoint-N``, renamed when complete.
+
+        A crash mid-write leaves only a staging folder, which ``resume_from_checkpoint=auto`` (it looks
+        for ``checkpoint-N``) never picks, so the previous checkpoint stays the one a resume uses.
+        """
+        import transformers.trainer as hf_trainer
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        step = self.state.global_step
+        staging, final = run_dir / f"{STAGING_PREFIX}-{step}", run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX  # where the base class writes this checkpoint
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            hf_trainer.PREFIX_CHECKPOINT_DIR = PREFIX_CHECKPOINT_DIR
+        self.accelerator.wait_for_everyone()  # every rank has written its part
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best and Path(best).name.startswith(STAGING_PREFIX):
+                self.state.best_model_checkpoint = str(
+                    run_dir / Path(best).name.replace(STAGING_PREFIX, PREFIX_CHECKPOINT_DIR)
+                )
+                self.state.save_to_json(str(staging / "trainer_state.json"))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            rotate_checkpoints(
+                str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _ratios(self) -> dict[str, float]:
+        counts, self._counts = self._counts, defaultdict(float)
+        out = {}
+        if counts.get("frames_after"):
+            out["compression"] = counts["frames_before"] / counts["frames_after"]
+        index = 0
+        while f"positions_{index}" in counts:
+            out[f"boundary_rate_train_{index}"] = counts[f"boundaries_{index}"] / max(
+                counts[f"positions_{index}"], 1.0
+            )
+            index += 1
+        return out
 
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(

@@ -1,0 +1,238 @@
+"""Decoding for the SpeechLLM: ``generate`` with guards, and the :class:`SpeechLLMRecognizer`.
+
+Guards against what LLM decoders do on audio (DESIGN.md, known traps):
+
+- **length**: each sample may write at most ``floor + rate * seconds`` tokens (its own audio, not the
+  batch's longest, so a sample decodes the same alone and in a batch);
+- **repetition loops**: :class:`LoopGuard` stops a sequence whose tail repeats a short pattern, and
+  :func:`trim_loop` keeps one copy (optional ``repetition_penalty`` / ``no_repeat_ngram_size`` too);
+- **empty or silent audio**: never reaches the LLM; its transcript is ``""`` instead of a hallucination.
+
+Prompts are left-padded for generation (transformers derives positions from the attention mask), and
+right-padded for training; both come from the same :class:`~magnet_asr.data.llm_collator.ChatPrompt`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from magnet_asr.audio import (
+    CHUNK_LENGTH,
+    ENCODER_FRAMES_PER_SECOND,
+    SILENCE_PEAK,
+    num_encoder_frames,
+    num_frames,
+)
+from magnet_asr.data.collator import pad_sequences
+from magnet_asr.evaluation.decode import Transcription, batch_features
+
+__all__ = [
+    "DecodeSettings",
+    "LoopGuard",
+    "SampleLengthLimit",
+    "SpeechLLMRecognizer",
+    "generate_tokens",
+    "trim_loop",
+]
+
+
+@dataclass
+class DecodeSettings:
+    """Decoding knobs; defaults come from the model config (:meth:`from_config`)."""
+
+    num_beams: int = 1
+    max_new_tokens_per_second: float = 10.0  # speech is ~3-5 LLM tokens/s: 10 never cuts a transcript
+    max_new_tokens_floor: int = 16
+    max_new_tokens: int | None = None  # a fixed cap instead of the per-sample one
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    loop_guard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1 or self.max_new_tokens_floor < 1 or self.max_new_tokens_per_second < 0:
+            raise ValueError(f"invalid decoding settings: {self}")
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> DecodeSettings:
+        """``config.decoding`` (a dict) updated with ``overrides``."""
+        values = {**getattr(config, "decoding", {}), **overrides}
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown decoding setting(s) {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    def limits(self, seconds: Sequence[float]) -> list[int]:
+        """Maximum new tokens per sample for its ``seconds`` of audio."""
+        if self.max_new_tokens is not None:
+            return [int(self.max_new_tokens)] * len(seconds)
+        return [
+            int(self.max_new_tokens_floor + math.ceil(self.max_new_tokens_per_second * s)) for s in seconds
+        ]
+
+    def generation_config(self, prompt: Any, max_new_tokens: int) -> GenerationConfig:
+        # Every field set explicitly: an instruct LLM's own defaults (sampling, temperature) must not leak in.
+        return GenerationConfig(
+            do_sample=False,
+            num_beams=self.num_beams,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=list(prompt.stop_ids),
+            pad_token_id=prompt.pad_id,
+            repetition_penalty=self.repetition_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            use_cache=True,
+        )
+
+
+def loop_start(
+    tokens: Sequence[int], max_period: int = 8, min_span: int = 12, min_repeats: int = 3
+) -> int | None:
+    """Where the redundant part of a repetition loop at the end of ``tokens`` begins, or None.
+
+    A loop is a pattern of ``p <= max_period`` tokens repeated back to back at the end, at least
+    ``max(min_repeats, ceil(min_span / p))`` times (12 identical tokens, 6 repeats of a pair, 3 of a
+    4-gram): real transcripts rarely do that, looping decoders always do. Returns the index after the
+    first copy.
+    """
+    n = len(tokens)
+    for period in range(1, max_period + 1):
+        needed = max(min_repeats, math.ceil(min_span / period))
+        if n < period * needed:
+            continue
+        tail = list(tokens[n - period :])
+        start = n - period
+        while start - period >= 0 and list(tokens[start - period : start]) == tail:
+            start -= period
+        if (n - start) // period >= needed:
+            return start + period
+    return None
+
+
+def trim_loop(tokens: Sequence[int]) -> list[int]:
+    """``tokens`` with a trailing repetition loop cut down to one copy of its pattern."""
+    cut = loop_start(tokens)
+    return list(tokens[:cut] if cut is not None else tokens)
+
+
+def _per_row(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """Repeat per-sample ``values (B,)`` for the ``rows`` generation rows (beams are sample-major)."""
+    return values.repeat_interleave(max(rows // len(values), 1))
+
+
+class SampleLengthLimit(StoppingCriteria):
+    """Stop each sample at its own token budget (``input_ids`` hold only generated tokens here)."""
+
+    def __init__(self, limits: Sequence[int]) -> None:
+        self.limits = torch.tensor(list(limits), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        limits = _per_row(self.limits.to(input_ids.device), input_ids.shape[0])
+        return cast(torch.BoolTensor, input_ids.shape[1] >= limits)
+
+
+class LoopGuard(StoppingCriteria):
+    """Stop a sequence as soon as it ends in a repetition loop (:func:`loop_start`)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        done = [loop_start(row) is not None for row in input_ids.tolist()]
+        return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
+
+
+def _clean(tokens: Sequence[int], stops: set[int], limit: int, loop_guard: bool) -> list[int]:
+    out: list[int] = []
+    for token in tokens[:limit]:
+        if token in stops:
+            break
+        out.append(token)
+    return trim_loop(out) if loop_guard else out
+
+
+def generate_tokens(
+    model: Any, audio: Any, skip: torch.Tensor | None = None, **overrides: Any
+) -> torch.Tensor:
+    """Greedy (``num_beams=1``) or beam-search transcripts of ``audio`` (:class:`AudioEmbeddings`).
+
+    Returns ``(B, N)`` token ids without the end-of-turn token, filled with the pad id. Silent samples
+    and those flagged in ``skip (B,)`` get an empty row without running the LLM.
+    """
+    settings = DecodeSettings.from_config(model.config, **overrides)
+    active = ~audio.silent.cpu()
+    if skip is not None:
+        active &= ~skip.bool().cpu()
+    rows = active.nonzero().flatten().tolist()
+    results: list[list[int]] = [[] for _ in range(audio.embeds.shape[0])]
+    if rows:
+        subset = audio.select(rows)
+        limits = settings.limits(subset.seconds.tolist())
+        inputs = model.build_inputs(subset, padding_side="left")
+        criteria = [SampleLengthLimit(limits)] + ([LoopGuard()] if settings.loop_guard else [])
+        tokens = model.llm.generate(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            generation_config=settings.generation_config(model.prompt, max(limits)),
+            stopping_criteria=StoppingCriteriaList(criteria),
+        )
+        stops = {*model.prompt.stop_ids, model.prompt.pad_id}
+        for row, index, limit in zip(tokens.tolist(), rows, limits):
+            results[index] = _clean(row, stops, limit, settings.loop_guard)
+    return pad_sequences(results, model.prompt.pad_id)
+
+
+def _is_silent(waveform: np.ndarray) -> bool:
+    return waveform.size == 0 or float(np.abs(waveform).max()) < SILENCE_PEAK
+
+
+class SpeechLLMRecognizer:
+    """A :class:`~magnet_asr.evaluation.decode.Recognizer` for SpeechLLM checkpoints.
+
+    ``compressed_frames`` is the number of audio tokens the LLM reads, so ``mean_compression`` is
+    encoder frames (50/s) per audio token.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "speech_llm", **decode: Any) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.decode = decode
+        encoder_config = model.encoder.config
+        self.n_mels = int(encoder_config.num_mel_bins)
+        learned = getattr(encoder_config, "position_encoding", "learned") == "learned"
+        self.max_seconds = (
+            encoder_config.max_source_positions / ENCODER_FRAMES_PER_SECOND
+            if learned
+            else float(CHUNK_LENGTH)
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu") -> SpeechLLMRecognizer:
+        """Load a saved SpeechLLM and its tokenizer (saved beside it, else the LLM's own)."""
+        from magnet_asr.models.speech_llm import SpeechLLM, load_tokenizer
+
+        model = SpeechLLM.from_pretrained(path, device=device)
+        has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(str(path) if has_tokenizer else model.config.llm_name)
+        return cls(model, tokenizer, name=str(path))
+
+    @torch.inference_mode()
+    def transcribe(self, waveforms: Sequence[np.ndarray]) -> list[Transcription]:
+        out = [Transcription("", 0, 0) for _ in waveforms]
+        usable = [i for i, w in enumerate(waveforms) if num_frames(len(w)) > 0]
+        if not usable:
+            return out
+        device = next(self.model.parameters()).device
+        features, mask = batch_features([waveforms[i] for i in usable], self.n_mels)
+        audio = self.model.embed_audio(features.to(device), mask.to(device))
+        skip = torch.tensor([_is_silent(np.asarray(waveforms[i])) for i in usable])
+        tokens = self.model.generate(audio=audio, skip=skip, **self.decode)
+        texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+        for text, index, count in zip(texts, usable, audio.counts.tolist()):
+            out[index] = Transcription(text.strip(), num_encoder_frames(len(waveforms[index])), int(count))
+        return out

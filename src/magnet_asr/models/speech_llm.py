@@ -1,0 +1,594 @@
+"""SpeechLLM: Whisper encoder (+ learned compression) -> ``AudioProjector`` -> decoder-only LLM.
+
+The "speech encoder + projector + LLM" recognizer of SLAM-ASR (Ma et al., 2024) and Ultravox, with
+this toolkit's edge: boundary predictors inside the encoder (``models/encoder.py``) can pool the frames
+before the projector stacks them, so the LLM reads far fewer audio tokens.
+
+::
+
+    features (B, n_mels, T) + mel mask (B, T)
+      -> MagnetWhisperEncoder (frozen by default; predictors train)  -> (B, S, D) + mask (B, S)
+      -> AudioProjector (stack k, MLP, RMSNorm)                      -> (B, A, H) + mask (B, A)
+      -> ChatPrompt.assemble: prefix + <audio> * A_i + suffix + response  (see data/llm_collator.py)
+      -> <audio> positions overwritten with the projector outputs -> LLM (LoRA / full / frozen)
+
+What is saved (``save_pretrained``) is only what trains: projector, predictors, LoRA adapters (the
+whole LLM / encoder when they are fine-tuned), plus a config naming the frozen sources (bundled name,
+local directory or hub name), which ``from_pretrained`` loads again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from magnet_asr.audio import FRAMES_PER_SECOND
+from magnet_asr.data.llm_collator import IGNORE_INDEX, ChatPrompt
+from magnet_asr.models.encoder import MagnetEncoderOutput, MagnetWhisperEncoder
+from magnet_asr.models.projector import AudioProjector, embedding_rms
+
+__all__ = [
+    "AudioEmbeddings",
+    "LLMInputs",
+    "SpeechLLM",
+    "SpeechLLMConfig",
+    "SpeechLLMOutput",
+    "build_speech_llm",
+]
+
+FINETUNE_MODES = ("lora", "full", "frozen")
+DEFAULT_INSTRUCTION = "Transcribe the audio."
+
+
+class SpeechLLMConfig(PretrainedConfig):
+    """What a SpeechLLM is made of. Frozen parts are *named*, not stored.
+
+    encoder_name / llm_name: Whisper checkpoint and causal LM (bundled name, local dir or hub name).
+    encoder_settings: ``MagnetWhisperConfig`` keyword arguments (``predictor_layers``,
+        ``predictor_settings``, ``position_encoding``, ``extra_conv_strides``).
+    freeze_encoder: train only the predictors inside the encoder.
+    llm_finetune: ``lora`` | ``full`` | ``frozen``; ``lora_*``: the peft ``LoraConfig``.
+    projector_*: :class:`AudioProjector` settings (``projector_stack`` = k).
+    prompt: :meth:`ChatPrompt.to_dict` (the rendered template ids; training and inference share it).
+    decoding: defaults of ``evaluation/speech_llm_decode.DecodeSettings`` (``num_beams``, token caps,
+        ``repetition_penalty``, ``loop_guard``...). A dict: transformers reserves those names at top level.
+    encoder_cache_gb: memory for the frozen encoder's outputs by utterance (0 disables).
+    """
+
+    model_type = "speech_llm"
+
+    def __init__(
+        self,
+        encoder_name: str | None = None,
+        encoder_settings: dict[str, Any] | None = None,
+        freeze_encoder: bool = True,
+        llm_name: str | None = None,
+        llm_finetune: str = "lora",
+        lora_rank: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | None = None,
+        projector_stack: int = 4,
+        projector_hidden_size: int = 1024,
+        projector_dropout: float = 0.0,
+        boundary_loss_weight: float = 1.0,
+        prompt: dict[str, Any] | None = None,
+        instruction: str = DEFAULT_INSTRUCTION,
+        system_prompt: str | None = None,
+        decoding: dict[str, Any] | None = None,
+        encoder_cache_gb: float = 2.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.encoder_name = encoder_name
+        self.encoder_settings = dict(encoder_settings or {})
+        self.freeze_encoder = bool(freeze_encoder)
+        self.llm_name = llm_name
+        self.llm_finetune = llm_finetune
+        self.lora_rank = int(lora_rank)
+        self.lora_alpha = int(lora_alpha)
+        self.lora_dropout = float(lora_dropout)
+        self.lora_target_modules = list(lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"])
+        self.projector_stack = int(projector_stack)
+        self.projector_hidden_size = int(projector_hidden_size)
+        self.projector_dropout = float(projector_dropout)
+        self.boundary_loss_weight = float(boundary_loss_weight)
+        self.prompt = dict(prompt) if prompt else None
+        self.instruction, self.system_prompt = instruction, system_prompt
+        self.decoding = dict(decoding or {})
+        self.encoder_cache_gb = float(encoder_cache_gb)
+        if self.llm_finetune not in FINETUNE_MODES:
+            raise ValueError(f"llm_finetune: '{self.llm_finetune}' is not one of {FINETUNE_MODES}")
+        if self.projector_stack < 1:
+            raise ValueError(f"projector_stack must be >= 1, got {self.projector_stack}")
+        from magnet_asr.evaluation.speech_llm_decode import DecodeSettings
+
+        DecodeSettings.from_config(self)  # unknown or invalid decoding keys fail here, not at decode time
+
+    @property
+    def predictor_layers(self) -> list[int]:
+        return [int(k) for k in self.encoder_settings.get("predictor_layers") or []]
+
+
+# AutoConfig must know the type: AutoTokenizer reads config.json of a saved SpeechLLM directory.
+AutoConfig.register(SpeechLLMConfig.model_type, SpeechLLMConfig, exist_ok=True)
+
+
+@dataclass
+class AudioEmbeddings:
+    """Projector outputs: ``embeds (B, A, H)``, ``mask (B, A)``; per sample ``frames_before (B,)``
+    encoder frames, ``seconds (B,)`` of audio, ``silent (B,)`` (no signal: decode to ``""``)."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    frames_before: torch.Tensor
+    seconds: torch.Tensor
+    silent: torch.Tensor
+    boundary_loss: torch.Tensor | None = None
+    boundary_outputs: tuple[Any, ...] | None = None
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Audio tokens per sample ``(B,)``."""
+        return self.mask.sum(1)
+
+    def select(self, rows: list[int]) -> AudioEmbeddings:
+        """The samples ``rows``, trimmed to their longest audio-token count."""
+        index = torch.tensor(rows, device=self.mask.device)
+        width = max(int(self.counts[index].max()), 1) if rows else 1
+        return AudioEmbeddings(
+            self.embeds[index, :width],
+            self.mask[index, :width],
+            self.frames_before[index],
+            self.seconds[index],
+            self.silent[index],
+        )
+
+
+@dataclass
+class LLMInputs:
+    """``inputs_embeds (B, T, H)`` and the token view of them: ``input_ids``, ``attention_mask``,
+    ``audio_mask`` and ``labels`` ``(B, T)`` (labels None when no responses were given)."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    input_ids: torch.Tensor
+    audio_mask: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class SpeechLLMOutput(ModelOutput):
+    """``loss`` = response cross-entropy (``asr_loss``) + ``boundary_loss_weight`` x ``boundary_loss``.
+
+    ``logits``: ``(B, T, V)`` without labels; with labels only the last ``K`` positions that predict
+    response tokens (the LM head on prompt positions is wasted work). ``frames_after`` = audio tokens
+    per sample, so ``frames_before / frames_after`` is the compression the trainer logs.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    asr_loss: torch.Tensor | None = None
+    boundary_loss: torch.Tensor | None = None
+    frames_before: torch.Tensor | None = None
+    frames_after: torch.Tensor | None = None
+    boundary_outputs: tuple[Any, ...] | None = None
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+class EncoderCache:
+    """Outputs of a frozen encoder without predictors, by utterance key: they are the same every epoch.
+
+    Entries live on the CPU at their real length; when ``max_bytes`` is reached, new entries are not
+    stored (the encoder simply runs for them).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: dict[str, tuple[torch.Tensor, int]] = {}
+        self.bytes = 0
+
+    def get(self, keys: list[str], device: torch.device) -> MagnetEncoderOutput | None:
+        if not keys or any(k not in self.entries for k in keys):
+            return None
+        items = [self.entries[k] for k in keys]
+        longest = max(h.shape[0] for h, _ in items)
+        hidden = items[0][0].new_zeros(len(items), longest, items[0][0].shape[1])
+        mask = torch.zeros(len(items), longest, dtype=torch.long)
+        for i, (h, _) in enumerate(items):
+            hidden[i, : h.shape[0]] = h
+            mask[i, : h.shape[0]] = 1
+        return MagnetEncoderOutput(
+            last_hidden_state=hidden.to(device),
+            encoder_attention_mask=mask.to(device),
+            frames_before=torch.tensor([b for _, b in items], device=device),
+            frames_after=mask.sum(1).to(device),
+        )
+
+    def put(self, keys: list[str], out: MagnetEncoderOutput) -> None:
+        if out.last_hidden_state is None or out.frames_before is None:
+            return
+        hidden, mask = out.last_hidden_state.detach(), out.encoder_attention_mask
+        for i, key in enumerate(keys):
+            if key in self.entries:
+                continue
+            n = int(mask[i].sum()) if mask is not None else hidden.shape[1]
+            entry = hidden[i, :n].to("cpu", copy=True)
+            size = entry.numel() * entry.element_size()
+            if self.bytes + size > self.max_bytes:
+                return
+            self.entries[key] = (entry, int(out.frames_before[i]))
+            self.bytes += size
+
+
+def _flat(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``(B,)`` True where a sample's real log-mel frames are constant (digital silence) or absent."""
+    real = mask.bool()[:, None, :] if mask is not None else torch.ones_like(features[:, :1], dtype=torch.bool)
+    high = features.masked_fill(~real, float("-inf")).amax(dim=(1, 2))
+    low = features.masked_fill(~real, float("inf")).amin(dim=(1, 2))
+    return ~torch.isfinite(high) | (high - low < 1e-4)
+
+
+def _responses(labels: torch.Tensor) -> list[list[int]]:
+    return [row[row != IGNORE_INDEX].tolist() for row in labels]
+
+
+def _logits_window(labels: torch.Tensor) -> int:
+    """How many final positions predict a response token in some row (``logits_to_keep``)."""
+    columns = (labels != IGNORE_INDEX).any(0).nonzero()
+    first = int(columns[0]) if len(columns) else labels.shape[1]
+    return min(labels.shape[1], labels.shape[1] - first + 1)
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens; ``logits (B, K, V)`` are the last K positions
+    of ``labels (B, T)``."""
+    targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, -logits.shape[1] :]
+    return nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def load_encoder(config: SpeechLLMConfig) -> MagnetWhisperEncoder:
+    """The Whisper encoder named by ``config.encoder_name``, with its (new) predictors."""
+    from magnet_asr.models.magnet_whisper import MagnetWhisper
+
+    if not config.encoder_name:
+        raise ValueError("SpeechLLMConfig.encoder_name is required (a Whisper checkpoint)")
+    return MagnetWhisper.from_whisper(config.encoder_name, **config.encoder_settings).model.encoder
+
+
+def load_llm(config: SpeechLLMConfig) -> PreTrainedModel:
+    """The causal LM named by ``config.llm_name``, in float32 (mixed precision is the trainer's job)."""
+    from transformers import AutoModelForCausalLM
+
+    from magnet_asr.weights import resolve_model
+
+    if not config.llm_name:
+        raise ValueError("SpeechLLMConfig.llm_name is required (a causal LM checkpoint)")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(config.llm_name), dtype=torch.float32)
+    return cast(PreTrainedModel, model)
+
+
+def add_lora(llm: PreTrainedModel, config: SpeechLLMConfig) -> PreTrainedModel:
+    """Inject LoRA layers in place; the model keeps its class, so ``generate`` is the plain HF one."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+        bias="none",
+    )
+    return cast(PreTrainedModel, inject_adapter_in_model(lora, llm))
+
+
+def _token_embedding_rms(llm: PreTrainedModel) -> float:
+    """RMS of what the embedding layer outputs (some models scale it), on a strided sample of the vocab."""
+    embed = cast(nn.Embedding, llm.get_input_embeddings())
+    vocab = int(embed.weight.shape[0])
+    ids = torch.arange(0, vocab, max(1, vocab // 4096), device=embed.weight.device)
+    with torch.no_grad():
+        return embedding_rms(embed(ids))
+
+
+class SpeechLLM(PreTrainedModel):
+    """Whisper encoder + :class:`AudioProjector` + causal LM; see the module docstring."""
+
+    config_class = SpeechLLMConfig
+    base_model_prefix = "speech_llm"
+    main_input_name = "input_features"
+    supports_gradient_checkpointing = True
+    # The loss is a mean over the batch's response tokens: let the Trainer scale it for accumulation.
+    accepts_loss_kwargs = False
+
+    def __init__(
+        self,
+        config: SpeechLLMConfig,
+        encoder: MagnetWhisperEncoder | None = None,
+        llm: PreTrainedModel | None = None,
+    ) -> None:
+        super().__init__(config)
+        if not config.prompt:
+            raise ValueError("SpeechLLMConfig.prompt is missing: build it with ChatPrompt.from_tokenizer")
+        self.encoder = encoder if encoder is not None else load_encoder(config)
+        llm = llm if llm is not None else load_llm(config)
+        self.llm = add_lora(llm, config) if config.llm_finetune == "lora" else llm
+        self.projector = AudioProjector(
+            self.encoder.config.d_model,
+            int(cast(nn.Embedding, self.llm.get_input_embeddings()).weight.shape[1]),
+            stack=config.projector_stack,
+            hidden_size=config.projector_hidden_size,
+            dropout=config.projector_dropout,
+            output_scale=_token_embedding_rms(self.llm),
+        )
+        self.prompt = ChatPrompt.from_dict(config.prompt)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.llm.forward).parameters
+        cacheable = config.freeze_encoder and not config.predictor_layers and config.encoder_cache_gb > 0
+        self.encoder_cache = EncoderCache(int(config.encoder_cache_gb * 2**30)) if cacheable else None
+        self.set_trainable()
+        self.post_init()
+
+    # --- which parameters train and are saved ----------------------------------------------------
+    def init_weights(self) -> None:
+        """Nothing to do: the encoder and LLM arrive loaded, the projector initializes itself (the
+        default would re-initialize loaded weights and LoRA's zero ``lora_B``)."""
+
+    def is_saved_key(self, name: str) -> bool:
+        """Whether ``name`` (a state-dict key) is trained, hence saved; everything else is loaded from
+        the sources the config names."""
+        if name.startswith("projector."):
+            return True
+        if name.startswith("encoder."):
+            return ".predictors." in f".{name}" or not self.config.freeze_encoder
+        if name.startswith("llm."):
+            mode = self.config.llm_finetune
+            return mode == "full" or (mode == "lora" and "lora_" in name)
+        return False
+
+    def set_trainable(self) -> None:
+        """``requires_grad`` on exactly the saved parameters (Whisper's sinusoidal positions stay fixed)."""
+        for name, param in self.named_parameters():
+            param.requires_grad = self.is_saved_key(name) and "embed_positions" not in name
+
+    def train(self, mode: bool = True) -> SpeechLLM:
+        """Frozen parts stay in eval mode (no dropout, deterministic: the encoder cache relies on it)."""
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.encoder.eval()
+            self.encoder.predictors.train(mode)
+        if self.config.llm_finetune == "frozen":
+            self.llm.eval()
+        return self
+
+    # --- audio -> embeddings -> LLM inputs -------------------------------------------------------
+    def _encode(
+        self,
+        features: torch.Tensor,
+        mel_mask: torch.Tensor | None,
+        target_counts: torch.Tensor | None,
+        cache_keys: list[str] | None,
+    ) -> MagnetEncoderOutput:
+        """Encoder pass, from the cache when it holds every key; no autograd graph through a frozen
+        encoder without predictors (nothing in it trains)."""
+        cache, keys = self.encoder_cache, list(cache_keys) if cache_keys is not None else None
+        if cache is not None and keys is not None and (hit := cache.get(keys, features.device)) is not None:
+            return hit
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(needs_grad):
+            out = self.encoder(features, attention_mask=mel_mask, target_counts=target_counts)
+        if cache is not None and keys is not None:
+            cache.put(keys, out)
+        return out
+
+    def embed_audio(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        target_counts: torch.Tensor | None = None,
+        cache_keys: list[str] | None = None,
+    ) -> AudioEmbeddings:
+        """``input_features (B, n_mels, T)``, mel ``attention_mask (B, T)`` -> :class:`AudioEmbeddings`."""
+        enc = self._encode(input_features, attention_mask, target_counts, cache_keys)
+        hidden = cast(torch.Tensor, enc.last_hidden_state)
+        embeds, mask = self.projector(hidden, enc.encoder_attention_mask)
+        batch, length = input_features.shape[0], input_features.shape[-1]
+        mel_frames = (
+            attention_mask.sum(1)
+            if attention_mask is not None
+            else torch.full((batch,), length, device=embeds.device)
+        )
+        frames_before = enc.frames_before
+        return AudioEmbeddings(
+            embeds,
+            mask,
+            frames_before=frames_before
+            if frames_before is not None
+            else torch.full_like(mel_frames, hidden.shape[1]),
+            seconds=mel_frames.float() / FRAMES_PER_SECOND,
+            silent=_flat(input_features, attention_mask),
+            boundary_loss=enc.boundary_loss,
+            boundary_outputs=enc.boundary_outputs,
+        )
+
+    def build_inputs(
+        self,
+        audio: AudioEmbeddings,
+        responses: list[list[int]] | None = None,
+        padding_side: str = "right",
+    ) -> LLMInputs:
+        """Assemble the prompts (one ``<audio>`` per projector output) and splice the audio in."""
+        batch = self.prompt.assemble(audio.counts.tolist(), responses, padding_side)
+        device = audio.embeds.device
+        ids, audio_mask = batch.input_ids.to(device), batch.audio_mask.to(device)
+        embeds = self.llm.get_input_embeddings()(ids.masked_fill(audio_mask, self.prompt.pad_id))
+        values = audio.embeds[audio.mask.bool()].to(embeds.dtype)
+        if values.shape[0] != int(audio_mask.sum()):  # cannot happen unless assemble() is broken
+            raise RuntimeError(
+                f"{values.shape[0]} audio embeddings for {int(audio_mask.sum())} <audio> slots"
+            )
+        embeds = embeds.masked_scatter(audio_mask[..., None], values)
+        labels = batch.labels.to(device) if batch.labels is not None else None
+        return LLMInputs(embeds, batch.attention_mask.to(device), ids, audio_mask, labels)
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        target_counts: torch.Tensor | None = None,
+        cache_keys: list[str] | None = None,
+    ) -> SpeechLLMOutput:
+        """``input_features (B, n_mels, T)`` at their true length, ``attention_mask (B, T)`` over mel
+        frames, ``labels (B, N)`` the response tokens (transcript + end-of-turn, -100 padded) that the
+        model places after each prompt, ``target_counts (P, B)``, ``cache_keys`` (B utterance keys).
+
+        Prompts are right-padded, so each sample's logits are those it gets alone (eval mode).
+        """
+        audio = self.embed_audio(input_features, attention_mask, target_counts, cache_keys)
+        inputs = self.build_inputs(audio, _responses(labels) if labels is not None else None)
+        extra = {}
+        if inputs.labels is not None and self._keeps_logits:
+            extra["logits_to_keep"] = _logits_window(inputs.labels)
+        out = self.llm(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=False, **extra
+        )
+        asr_loss = response_loss(out.logits, inputs.labels) if inputs.labels is not None else None
+        loss = asr_loss
+        if asr_loss is not None and audio.boundary_loss is not None:
+            loss = asr_loss + self.config.boundary_loss_weight * audio.boundary_loss
+        return SpeechLLMOutput(
+            loss=loss,
+            logits=out.logits,
+            asr_loss=asr_loss,
+            boundary_loss=audio.boundary_loss,
+            frames_before=audio.frames_before,
+            frames_after=audio.counts,
+            boundary_outputs=audio.boundary_outputs,
+            attention_mask=inputs.attention_mask,
+            labels=inputs.labels,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        audio: AudioEmbeddings | None = None,
+        skip: torch.Tensor | None = None,
+        **settings: Any,
+    ) -> torch.Tensor:
+        """Transcript token ids ``(B, N)`` (pad-filled, no end-of-turn); see
+        :func:`magnet_asr.evaluation.speech_llm_decode.generate_tokens` for ``settings``. Pass ``audio``
+        from :meth:`embed_audio` to reuse an encoder pass; ``skip (B,)`` forces empty outputs."""
+        from magnet_asr.evaluation.speech_llm_decode import generate_tokens
+
+        if audio is None:
+            if input_features is None:
+                raise ValueError("generate needs input_features or audio")
+            audio = self.embed_audio(input_features, attention_mask)
+        return generate_tokens(self, audio, skip=skip, **settings)
+
+    # --- save / load ------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs: Any):  # type: ignore[override]
+        """Save the config and only the trained tensors (:meth:`is_saved_key`), as safetensors."""
+        state = state_dict if state_dict is not None else self.state_dict()
+        kept = {k: v for k, v in state.items() if self.is_saved_key(k)}
+        return super().save_pretrained(save_directory, state_dict=kept, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """Load trained tensors; frozen keys are not expected (they come from the named sources)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        tied = set(getattr(self, "all_tied_weights_keys", None) or {})
+        missing = [k for k in result.missing_keys if self.is_saved_key(k) and k not in tied]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"SpeechLLM checkpoint mismatch: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
+        if self.config.llm_finetune == "full":
+            self.llm.tie_weights()
+        return _IncompatibleKeys(missing, result.unexpected_keys)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any) -> SpeechLLM:  # type: ignore[override]
+        """Load a saved SpeechLLM: frozen parts from their sources, trained tensors from the directory.
+
+        ``device`` (keyword) moves the model; the model is returned in eval mode, as HF does.
+        """
+        device = kwargs.pop("device", None)
+        if args or kwargs:  # silently ignoring e.g. dtype= would hand back something else than asked
+            raise TypeError(
+                f"SpeechLLM.from_pretrained takes a path and device=, got {args} {sorted(kwargs)}"
+            )
+        path = Path(pretrained_model_name_or_path)
+        config = SpeechLLMConfig.from_pretrained(str(path))
+        model = cls(config)
+        model.load_state_dict(read_weights(path), strict=True)
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a saved directory (``model.safetensors`` or its sharded index)."""
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{directory}: no model.safetensors (or index) to load")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(str(directory / shard)))
+    return state
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The LLM's tokenizer (bundled name, local dir or hub name) with the ``<audio>`` token added."""
+    from transformers import AutoTokenizer
+
+    from magnet_asr.data.llm_collator import prepare_tokenizer
+    from magnet_asr.weights import resolve_model
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model(name_or_path)))
+
+
+def _source_name(name: str) -> str:
+    """A saved model names its sources: local directories become absolute so it loads from anywhere."""
+    from magnet_asr.weights import BUNDLED
+
+    return str(Path(name).resolve()) if name not in BUNDLED and Path(name).is_dir() else name
+
+
+def build_speech_llm(
+    encoder_name: str, llm_name: str, tokenizer: Any | None = None, **settings: Any
+) -> tuple[SpeechLLM, Any]:
+    """A new SpeechLLM from a Whisper checkpoint and a causal LM; returns ``(model, tokenizer)``.
+
+    ``settings`` are :class:`SpeechLLMConfig` fields; the prompt is rendered from the tokenizer's chat
+    template with ``settings['instruction']`` and ``settings['system_prompt']``.
+    """
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(llm_name)
+    encoder_name, llm_name = _source_name(encoder_name), _source_name(llm_name)
+    prompt = ChatPrompt.from_tokenizer(
+        tokenizer,
+        instruction=settings.get("instruction", DEFAULT_INSTRUCTION),
+        system_prompt=settings.get("system_prompt"),
+    )
+    config = SpeechLLMConfig(
+        encoder_name=encoder_name, llm_name=llm_name, prompt=prompt.to_dict(), **settings
+    )
+    return SpeechLLM(config), tokenizer

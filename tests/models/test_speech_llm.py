@@ -1,0 +1,380 @@
+"""SpeechLLM on tiny random models: prompts, invariance, trainable parts, save/load, decoding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    WhisperConfig,
+    WhisperForConditionalGeneration,
+)
+
+from magnet_asr.data.llm_collator import AUDIO_TOKEN, ChatPrompt, prepare_tokenizer
+from magnet_asr.models.speech_llm import SpeechLLM, build_speech_llm, read_weights
+
+TINY_WHISPER = dict(
+    vocab_size=64,
+    num_mel_bins=8,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=1,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_source_positions=40,
+    max_target_positions=24,
+    decoder_start_token_id=1,
+    pad_token_id=0,
+    eos_token_id=2,
+    bos_token_id=1,
+)
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+WORDS = [
+    "system",
+    "user",
+    "assistant",
+    "transcribe",
+    "the",
+    "audio",
+    ".",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "hello",
+    "world",
+    "yes",
+    "no",
+    "one",
+    "two",
+]
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+PHONEME = {"variant": "mlp", "prior": 0.4, "target": "fixed", "loss": ["binomial"]}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>"
+    )
+    tokenizer.add_tokens(["<|im_start|>"], special_tokens=True)
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """A tiny random Whisper checkpoint and a tiny random Llama checkpoint (+ tokenizer) on disk."""
+    root = tmp_path_factory.mktemp("speech_llm_sources")
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(WhisperConfig(**TINY_WHISPER)).save_pretrained(root / "whisper")
+    tokenizer = tiny_tokenizer()
+    llm_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=3,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(llm_config).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    return str(root / "whisper"), str(root / "llm")
+
+
+def build(sources, seed: int = 0, **settings) -> SpeechLLM:
+    torch.manual_seed(seed)
+    settings.setdefault("projector_stack", 3)
+    settings.setdefault("projector_hidden_size", 48)
+    settings.setdefault("lora_rank", 4)
+    model, _ = build_speech_llm(*sources, tokenizer=prepare_tokenizer(tiny_tokenizer()), **settings)
+    return model.eval()
+
+
+def randomize(model: SpeechLLM, seed: int = 1) -> SpeechLLM:
+    """Give zero-initialized LoRA B matrices and the near-constant predictors real values (as after
+    training), so every part affects the output and boundaries vary between frames."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+        for predictor in model.encoder.predictors.values():
+            predictor.mlp[-1].weight.normal_(0, 1.0)
+            predictor.mlp[-1].bias.zero_()
+    return model
+
+
+def ragged(lengths=(61, 44, 23), seed: int = 2):
+    """Mel features of different lengths zero-padded into one batch, their mask, and each alone."""
+    torch.manual_seed(seed)
+    feats = torch.zeros(len(lengths), 8, max(lengths))
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    singles = []
+    for i, n in enumerate(lengths):
+        f = torch.randn(8, n)
+        feats[i, :, :n], mask[i, :n] = f, 1
+        singles.append(f[None])
+    return feats, mask, singles
+
+
+def response_ids(model: SpeechLLM, texts):
+    tokenizer = prepare_tokenizer(tiny_tokenizer())
+    return [model.prompt.response_ids(tokenizer, t) for t in texts]
+
+
+def padded(rows):
+    longest = max(len(r) for r in rows)
+    return torch.tensor([r + [-100] * (longest - len(r)) for r in rows])
+
+
+WITH_PREDICTOR = {"encoder_settings": {"predictor_layers": [1], "predictor_settings": PHONEME}}
+VARIANTS = pytest.mark.parametrize("settings", [{}, WITH_PREDICTOR], ids=["stack", "predictor+stack"])
+
+
+def test_chat_prompt_renders_the_template_around_one_audio_slot():
+    tokenizer = prepare_tokenizer(tiny_tokenizer())
+    prompt = ChatPrompt.from_tokenizer(tokenizer, "transcribe the audio .", system_prompt="hello")
+    assert (
+        tokenizer.decode(prompt.prefix_ids)
+        == "<|im_start|> system hello <|im_end|> <|im_start|> user transcribe the audio ."
+    )
+    assert tokenizer.decode(prompt.suffix_ids) == "<|im_end|> <|im_start|> assistant"
+    assert prompt.end_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert prompt.response_ids(tokenizer, "a cat")[-1] == prompt.end_id
+    plain = tiny_tokenizer()
+    plain.chat_template = None
+    fallback = ChatPrompt.from_tokenizer(prepare_tokenizer(plain), "transcribe")
+    assert fallback.end_id == plain.eos_token_id and fallback.audio_token_id == len(plain) - 1
+
+
+@VARIANTS
+def test_audio_tokens_equal_projector_output_for_each_sample(sources, settings):
+    model = randomize(build(sources, **settings))
+    tokenizer = prepare_tokenizer(tiny_tokenizer())
+    feats, mask, singles = ragged()
+    inputs = model.build_inputs(model.embed_audio(feats, mask))
+    for i, single in enumerate(singles):
+        alone = model.encoder(single).last_hidden_state
+        expected = model.projector(alone)[0].shape[1]
+        real = inputs.input_ids[i][inputs.attention_mask[i].bool()]
+        assert int((real == model.prompt.audio_token_id).sum()) == expected
+        assert tokenizer.decode(real).count(AUDIO_TOKEN) == expected
+        if not settings:  # stacking only: ceil(ceil(T / 2) / k) for T mel frames
+            assert expected == math.ceil(math.ceil(single.shape[-1] / 2) / 3)
+    counts = [int((r == model.prompt.audio_token_id).sum()) for r in inputs.input_ids]
+    assert len(set(counts)) > 1  # the samples really differ
+
+
+def test_labels_cover_only_transcript_and_end_of_turn(sources):
+    model = build(sources)
+    feats, mask, _ = ragged()
+    responses = response_ids(model, ["a cat sat", "hello", "one two"])
+    train = model.build_inputs(model.embed_audio(feats, mask), responses)
+    gen = model.build_inputs(model.embed_audio(feats, mask), padding_side="left")
+    for i, response in enumerate(responses):
+        labelled = train.labels[i][train.labels[i] != -100].tolist()
+        assert labelled == response and labelled[-1] == model.prompt.end_id
+        length = int(train.attention_mask[i].sum())
+        assert (train.labels[i, length - len(response) : length] != -100).all()
+        # the prompt in training is the generation prompt, token for token
+        assert (
+            train.input_ids[i, : length - len(response)].tolist()
+            == gen.input_ids[i][gen.attention_mask[i].bool()].tolist()
+        )
+
+
+def test_loss_is_next_token_cross_entropy_on_response_tokens_only(sources):
+    model = randomize(build(sources))
+    feats, mask, _ = ragged()
+    responses = response_ids(model, ["a cat sat on mat", "hello", "one two"])
+    trained = model(feats, mask, labels=padded(responses))
+    inputs = model.build_inputs(model.embed_audio(feats, mask), responses)
+    full = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits
+    losses = []
+    for i, response in enumerate(responses):
+        end = int(trained.attention_mask[i].sum())
+        start = end - len(response)  # logits at positions start-1 .. end-2 predict the response
+        losses.append(
+            torch.nn.functional.cross_entropy(
+                full[i, start - 1 : end - 1], torch.tensor(response), reduction="sum"
+            )
+        )
+    expected = torch.stack(losses).sum() / sum(len(r) for r in responses)
+    torch.testing.assert_close(trained.asr_loss, expected, atol=1e-5, rtol=1e-5)
+    assert trained.logits.shape[1] < full.shape[1]  # the LM head ran on the response window only
+
+
+@VARIANTS
+def test_logits_do_not_depend_on_padding_or_batch(sources, settings):
+    model = randomize(build(sources, **settings))
+    feats, mask, singles = ragged()
+    batched = model(feats, mask)
+    for i, single in enumerate(singles):
+        alone = model(single)
+        n = alone.logits.shape[1]
+        assert int(batched.attention_mask[i].sum()) == n
+        torch.testing.assert_close(batched.logits[i, :n], alone.logits[0], atol=2e-5, rtol=1e-4)
+
+
+def test_frozen_parts_get_no_gradient_and_trained_parts_all_do(sources):
+    model = randomize(build(sources, **WITH_PREDICTOR)).train()
+    feats, mask, _ = ragged()
+    out = model(feats, mask, labels=padded(response_ids(model, ["a cat", "the dog sat", "yes"])))
+    assert out.boundary_loss is not None and torch.isfinite(out.loss)
+    out.loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    kinds = {"projector": "projector.", "predictor": "encoder.predictors.", "lora": "lora_"}
+    assert all(any(k in n for k in kinds.values()) for n in trained)
+    assert all(any(k in n for n in trained) for k in kinds.values())
+    for name, param in model.named_parameters():
+        if name in trained:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+
+
+def test_finetune_modes_set_what_trains(sources):
+    full = build(sources, llm_finetune="full", freeze_encoder=False)
+    frozen = build(sources, llm_finetune="frozen")
+    assert all(p.requires_grad for n, p in full.llm.named_parameters())
+    assert all(p.requires_grad for n, p in full.encoder.named_parameters() if "embed_positions" not in n)
+    assert {n.split(".")[0] for n, p in frozen.named_parameters() if p.requires_grad} == {"projector"}
+    assert not any("lora_" in n for n, _ in frozen.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "settings", [WITH_PREDICTOR, {"llm_finetune": "full"}], ids=["lora+predictor", "full"]
+)
+def test_save_load_round_trip_is_identical(sources, settings, tmp_path):
+    from safetensors import safe_open
+
+    model = randomize(build(sources, **settings))
+    with torch.no_grad():
+        model.projector.linear_out.bias.add_(0.5)
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert saved and all(model.is_saved_key(k) for k in saved)
+    if "llm_finetune" not in settings:
+        assert not any(k.startswith("llm.") and "lora_" not in k for k in saved)
+        assert not any(k.startswith("encoder.") and ".predictors." not in k for k in saved)
+    loaded = SpeechLLM.from_pretrained(tmp_path)
+    assert loaded.config.encoder_name == sources[0] and loaded.config.llm_name == sources[1]
+    feats, mask, _ = ragged()
+    torch.testing.assert_close(loaded(feats, mask).logits, model(feats, mask).logits, atol=0, rtol=0)
+    assert torch.equal(loaded.generate(feats, mask), model.generate(feats, mask))
+    # what Trainer does on resume: a non-strict load of the saved tensors reports nothing missing
+    assert loaded.load_state_dict(read_weights(tmp_path), strict=False).missing_keys == []
+
+
+def test_greedy_generation_is_batch_invariant_and_beam_search_runs(sources):
+    model = randomize(build(sources, **WITH_PREDICTOR)).double()
+    feats, mask, singles = ragged()
+    batched = model.generate(feats.double(), mask)
+    for i, single in enumerate(singles):
+        alone = model.generate(single.double())[0].tolist()
+        row = batched[i].tolist()[: len(alone)]
+        assert row == alone and all(t == model.prompt.pad_id for t in batched[i].tolist()[len(alone) :])
+    beams = model.generate(feats.double(), mask, num_beams=3)
+    assert beams.shape[0] == 3 and torch.equal(model.generate(feats.double(), mask, num_beams=1), batched)
+
+
+def test_silent_or_skipped_audio_gives_empty_output_without_the_llm(sources):
+    model = build(sources)
+    feats, mask, _ = ragged()
+    feats[1] = -1.5  # digital silence: Whisper log-mel of zeros is constant
+    calls = []
+    handle = model.llm.register_forward_hook(lambda m, i, o: calls.append(o.logits.shape[0]))
+    tokens = model.generate(feats, mask, skip=torch.tensor([False, False, True]))
+    handle.remove()
+    assert (tokens[1:] == model.prompt.pad_id).all()
+    assert calls and set(calls) == {1}  # only the one audible sample reached the LLM
+
+
+def test_length_cap_and_loop_guard(sources):
+    model = build(sources)
+    feats, mask, _ = ragged()
+    word = prepare_tokenizer(tiny_tokenizer()).convert_tokens_to_ids("cat")
+    bias = torch.zeros(model.llm.config.vocab_size)
+    bias[word] = 100.0  # make the LLM loop on one token
+    handle = model.llm.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    guarded = model.generate(feats, mask)
+    unguarded = model.generate(
+        feats, mask, loop_guard=False, max_new_tokens_per_second=0, max_new_tokens_floor=5
+    )
+    handle.remove()
+    assert guarded[:, 0].tolist() == [word] * 3 and (guarded[:, 1:] == model.prompt.pad_id).all()
+    assert unguarded.tolist() == [[word] * 5] * 3
+
+
+def test_trim_loop_keeps_one_copy_and_leaves_real_text():
+    from magnet_asr.evaluation.speech_llm_decode import loop_start, trim_loop
+
+    assert trim_loop([1, 2, 3] + [4, 5] * 6) == [1, 2, 3, 4, 5]
+    assert trim_loop([9] * 12) == [9]
+    assert trim_loop([1, 2, 3, 4] * 3) == [1, 2, 3, 4]
+    assert trim_loop([7, 7, 7, 1, 2, 1, 2]) == [7, 7, 7, 1, 2, 1, 2]
+    assert loop_start([9] * 11) is None
+
+
+def test_encoder_cache_serves_a_frozen_encoder_without_predictors(sources):
+    model = build(sources).train()
+    assert build(sources, **WITH_PREDICTOR).encoder_cache is None
+    feats, mask, _ = ragged()
+    labels = padded(response_ids(model, ["a", "b", "hello"]))
+    calls = []
+    model.encoder.register_forward_hook(lambda m, i, o: calls.append(1))
+    keys = ["u1", "u2", "u3"]
+    first = model(feats, mask, labels=labels, cache_keys=keys)
+    second = model(feats[[2, 0]], mask[[2, 0]], labels=labels[[2, 0]], cache_keys=["u3", "u1"])
+    assert len(calls) == 1 and len(model.encoder_cache.entries) == 3
+    again = model(feats, mask, labels=labels, cache_keys=keys)
+    torch.testing.assert_close(again.loss, first.loss)
+    assert torch.isfinite(second.loss)
+
+
+def test_collator_and_recognizer(sources):
+    import numpy as np
+
+    from magnet_asr.data.llm_collator import SpeechLLMCollator
+    from magnet_asr.evaluation.speech_llm_decode import SpeechLLMRecognizer
+
+    model = build(sources)
+    tokenizer = prepare_tokenizer(tiny_tokenizer())
+    rng = np.random.default_rng(0)
+    noise = [rng.normal(0, 0.1, n).astype(np.float32) for n in (8000, 5000)]
+    collator = SpeechLLMCollator(tokenizer, model.prompt, n_mels=8)
+    batch = collator(
+        [{"id": "a", "text": "a cat", "audio": noise[0]}, {"id": "b", "text": "x", "error": "bad"}]
+    )
+    assert batch["num_skipped"] == 1 and batch["cache_keys"] == ["a:8000"]
+    assert batch["labels"].tolist() == [model.prompt.response_ids(tokenizer, "a cat")]
+    assert torch.isfinite(model(**{k: v for k, v in batch.items() if k != "num_skipped"}).loss)
+
+    recognizer = SpeechLLMRecognizer(model, tokenizer)
+    silent, empty = np.zeros(4000, np.float32), np.zeros(0, np.float32)
+    results = recognizer.transcribe([noise[0], silent, noise[1], empty])
+    assert results[1].text == "" and results[3].text == "" and results[3].compressed_frames == 0
+    assert [r.encoder_frames for r in results[:3]] == [25, 13, 16]
+    assert [r.compressed_frames for r in results[:3]] == [9, 5, 6]
+    alone = recognizer.transcribe([noise[1]])[0]
+    assert alone.text == results[2].text

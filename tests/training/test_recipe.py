@@ -1,0 +1,119 @@
+"""`magnet-asr train` end to end on a tiny model: checkpoints, bad samples, atomic saves, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "final" / "model.safetensors")
+
+
+def test_train_end_to_end_skips_bad_samples(
+    tmp_path, tiny_whisper_dir, speech_manifest, train_args, start_training
+):
+    out_dir = tmp_path / "run"
+    overrides = train_args(
+        tiny_whisper_dir,
+        speech_manifest,
+        out_dir,
+        **{"compressor": "phoneme", "compressor.loss_weight": 1.0, "training.eval_steps": 3},
+    )
+    log = finish(start_training(overrides))
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["train_skipped_samples"] >= 1  # the corrupt file, every time it is drawn
+    test = results["test"][str(speech_manifest)]
+    assert test["num_utterances"] == 2 and test["mean_compression"] > 1.0
+    assert sorted(p.name for p in out_dir.glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    assert not list(out_dir.glob(".tmp-checkpoint-*"))
+    assert "eval_wer" in log and "boundary_rate_train_0" in log and "compression" in log
+    from magnet_asr.models import MagnetWhisper
+
+    loaded = MagnetWhisper.from_pretrained(out_dir / "final")
+    assert loaded.config.predictor_layers == [1]
+
+
+def test_killed_run_resumes_to_the_same_weights(
+    tmp_path, tiny_whisper_dir, speech_manifest, train_args, start_training
+):
+    reference = tmp_path / "reference"
+    finish(
+        start_training(train_args(tiny_whisper_dir, speech_manifest, reference, **{"training.max_steps": 8}))
+    )
+
+    crashed = tmp_path / "crashed"
+    overrides = train_args(tiny_whisper_dir, speech_manifest, crashed, **{"training.max_steps": 8})
+    proc = start_training(overrides)
+    deadline = time.time() + 300
+    while not (crashed / "checkpoint-4").is_dir():
+        assert proc.poll() is None, proc.communicate()[0][-2000:]
+        assert time.time() < deadline, "no checkpoint-4 in time"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (crashed / "final").exists()
+    # a half-written checkpoint (what a crash mid-save leaves) must be ignored by auto-resume
+    (crashed / ".tmp-checkpoint-7").mkdir(exist_ok=True)
+    (crashed / ".tmp-checkpoint-7" / "trainer_state.json").write_text("{broken")
+
+    log = finish(start_training([*overrides, "training.resume_from_checkpoint=auto"]))
+    assert re.search(r"resum", log, re.IGNORECASE) or (crashed / "final").is_dir()
+    state = json.loads((crashed / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    expected, got = final_weights(reference), final_weights(crashed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_two_process_cpu_ddp(tmp_path, tiny_whisper_dir, speech_manifest, train_args, start_training):
+    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("accelerate launcher not installed")
+    out_dir = tmp_path / "ddp"
+    overrides = train_args(
+        tiny_whisper_dir,
+        speech_manifest,
+        out_dir,
+        **{"training.max_steps": 4, "training.save_steps": 4, "training.report_to": "[tensorboard]"},
+    )
+    launcher = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"),
+        "--main_process_port",
+        "29533",
+        "-m",
+    ]
+    log = finish(start_training(overrides, launcher=launcher), timeout=900)
+    checksums = dict(re.findall(r"rank (\d) weights checksum (\w+)", log))
+    assert set(checksums) == {"0", "1"} and checksums["0"] == checksums["1"], log[-4000:]
+    assert "effective batch size: 8 (2 process(es))" in log
+    assert [p.name for p in out_dir.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert len(list((out_dir / "logs").glob("events.out.tfevents.*"))) == 1
+    assert (out_dir / "results.json").is_file()

@@ -1,0 +1,148 @@
+"""setup_speech_llm: run config -> model, collator, recognizer, learning rates; a MagnetTrainer run on it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from magnet_asr.schema import load_run_config
+from magnet_asr.training.speech_llm import setup_speech_llm
+
+
+def _tiny_models():
+    """The tiny random sources of tests/models/test_speech_llm.py (test files are not a package)."""
+    path = Path(__file__).parents[1] / "models" / "test_speech_llm.py"
+    spec = importlib.util.spec_from_file_location("speech_llm_tiny_sources", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = _tiny_models()
+sources = TINY.sources  # the module-scoped fixture: tiny Whisper + tiny Llama checkpoints on disk
+
+
+def _config(sources, experiment: str, *extra: str):
+    whisper, llm = sources
+    return load_run_config(
+        [
+            f"+experiments={experiment}",
+            f"encoder.name={whisper}",
+            f"llm.name={llm}",
+            "llm.prompt=transcribe the audio .",
+            "llm.lora_rank=4",
+            "projector.hidden_size=48",
+            *extra,
+        ]
+    )
+
+
+def test_demo_configs_compose_to_speech_llm_runs():
+    base = load_run_config(["+experiments=speech_llm_demo"])
+    compressed = load_run_config(["+experiments=speech_llm_demo_compressed"])
+    assert base.model == compressed.model == "speech_llm" and base.encoder.freeze
+    assert base.projector.stack == 4 and not base.compressor.enabled and base.llm.finetune == "lora"
+    assert compressed.compressor.enabled and compressed.compressor.target == "phoneme"
+    # 50 frames/s -> ~11 phoneme segments/s -> stack 2: ~5.5 audio tokens/s against the baseline's 12.5/s
+    assert compressed.projector.stack == 2 and 50 / base.projector.stack == 12.5
+
+
+def test_setup_builds_the_configured_model(sources):
+    cfg = _config(sources, "speech_llm_demo_compressed", "compressor.layers=[2]", "llm.num_beams=2")
+    model, tokenizer, collator, make_recognizer, rates = setup_speech_llm(cfg)
+    assert model.config.projector_stack == 2 and model.config.predictor_layers == [2]
+    assert model.config.decoding["num_beams"] == 2 and model.config.system_prompt == ""
+    assert model.encoder.predictors["2"].config.target == "phoneme"
+    assert model.encoder.predictors["2"].config.train_sampling == "threshold"  # train rate = eval rate
+    assert rates == {"projector.": 1e-3, "predictors.": 1e-3}
+    assert collator.n_mels == 8 and collator.num_predictors == 1 and collator.target == "phoneme"
+    assert tokenizer.decode(model.prompt.prefix_ids).startswith("<|im_start|> system <|im_end|>")
+    assert make_recognizer(model).name == "speech_llm_demo_compressed"
+    assert model.encoder_cache is None  # a predictor sits in the encoder
+
+
+def _utterances(root: Path, count: int):
+    import soundfile as sf
+
+    from magnet_asr.data.manifest import Utterance
+
+    rng = np.random.default_rng(0)
+    texts = ["a cat sat", "hello world", "the dog", "yes no one two"]
+    out = []
+    for i in range(count):
+        audio = (0.1 * rng.normal(size=4000 + 800 * i)).astype(np.float32)
+        sf.write(root / f"u{i}.wav", audio, 16_000)
+        out.append(Utterance(f"u{i}", str(root / f"u{i}.wav"), texts[i % 4], len(audio) / 16_000))
+    return out
+
+
+def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(sources, tmp_path):
+    from transformers import TrainingArguments
+
+    from magnet_asr.data.collator import SpeechDataset
+    from magnet_asr.evaluation.speech_llm_decode import SpeechLLMRecognizer
+    from magnet_asr.training.trainer import MagnetTrainer
+
+    torch.manual_seed(0)
+    cfg = _config(sources, "speech_llm_demo")
+    model, tokenizer, collator, make_recognizer, rates = setup_speech_llm(cfg)
+    utterances = _utterances(tmp_path, 4)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=5e-4,  # LoRA; the projector gets 1e-3 from the config
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = MagnetTrainer(
+        model=model,
+        args=args,
+        train_dataset=SpeechDataset(utterances),
+        data_collator=collator,
+        make_recognizer=make_recognizer,
+        eval_utterances=utterances[:2],
+        learning_rates=rates,
+    )
+    projector_before = model.projector.linear_in.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(projector_before, model.projector.linear_in.weight)
+    assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {5e-4, 1e-3}
+    assert len(model.encoder_cache.entries) == 4  # frozen encoder, no predictor: cached after epoch 1
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(np.isfinite(h["loss"]) for h in logged) and "compression" in logged[0]
+    assert np.isfinite(trainer.evaluate()["eval_wer"])
+
+    trainer.save_model(str(tmp_path / "final"))
+    tokenizer.save_pretrained(str(tmp_path / "final"))
+    reloaded = SpeechLLMRecognizer.from_pretrained(str(tmp_path / "final"))
+    audio = [np.asarray(SpeechDataset(utterances)[1]["audio"])]
+    assert reloaded.transcribe(audio) == make_recognizer(model).transcribe(audio)
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen"])
+def test_llm_finetune_modes_from_config(sources, mode):
+    model, *_ = setup_speech_llm(_config(sources, "speech_llm_demo", f"llm.finetune={mode}"))
+    llm_trains = any(p.requires_grad for p in model.llm.parameters())
+    assert llm_trains == (mode == "full")
+
+
+def test_gradient_checkpointing_keeps_gradients_flowing(sources):
+    model, _, collator, _, _ = setup_speech_llm(
+        _config(sources, "speech_llm_demo", "llm.gradient_checkpointing=true")
+    )
+    assert model.llm.model.gradient_checkpointing
+    batch = collator(
+        [{"id": "a", "text": "a cat", "audio": np.full(6000, 0.1, np.float32) * np.sin(np.arange(6000))}]
+    )
+    batch.pop("num_skipped")
+    model.train()(**batch).loss.backward()
+    assert model.projector.linear_in.weight.grad.abs().sum() > 0
