@@ -74,7 +74,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from magnet_asr.demo import run_demo
 
-    run_demo(out_dir=args.out, limit=args.limit)
+    run_demo(out_dir=args.out, limit=args.limit, train_steps=args.train_steps)
     return 0
 
 
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the embedded defaults (what `make demo` runs)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N utterances per split")
+    p.add_argument("--train-steps", type=int, default=100, help="steps of the short training runs (0: skip)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

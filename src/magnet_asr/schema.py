@@ -122,6 +122,7 @@ class TrainingConfig:
     grpo_penalty_weight: float = 1.0  # lambda: reward = -ASR loss - lambda * penalty
     grpo_clip_epsilon: float | None = 0.2  # PPO clip range; null: unclipped
     grpo_num_iterations: int = 1  # optimizer steps per rollout (the ratio differs from 1 from the 2nd on)
+    grpo_boundary_loss_weight: float = 0.0  # + predictors' supervised boundary loss (anchors eval rate)
     grpo_asr_loss_weight: float = 0.0  # also train on the sampled configurations' ASR loss (train_all)
     grpo_train_all: bool = False  # false: only the predictors train
 

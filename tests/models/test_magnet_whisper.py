@@ -167,3 +167,16 @@ def test_auto_classes_know_magnet_whisper(tmp_path, tiny_model, tiny_config):
     tiny_model().save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).model_type == "magnet_whisper"
     assert isinstance(AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path), MagnetWhisper)
+
+
+def test_post_init_keeps_the_predictors_own_initialization(tiny_model, tiny_config):
+    import math
+
+    gumbel = tiny_model(predictor_layers=[1], predictor_settings={**PHONEME, "prior": 0.2})
+    bias = gumbel.model.encoder.predictors["1"].mlp[-1].bias
+    assert abs(float(bias) - math.log(0.2 / 0.8)) < 1e-6
+    cosine = tiny_model(predictor_layers=[1], predictor_settings={**PHONEME, "variant": "cosine"})
+    assert torch.equal(cosine.model.encoder.predictors["1"].q_proj.weight, torch.eye(32))
+    strided = tiny_model(extra_conv_strides=[2])
+    weight = strided.model.encoder.extra_convs[0].conv.weight
+    assert torch.equal(weight[:, :, 0], torch.eye(32) / 2) and torch.equal(weight[:, :, 1], torch.eye(32) / 2)

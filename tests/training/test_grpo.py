@@ -159,7 +159,7 @@ def test_sampling_forward_is_input_major_and_log_probs_agree(toy):
     for j, (predictor, (hidden, mask), bo) in enumerate(
         zip(policy_predictors(model), out.predictor_inputs, out.boundary_outputs, strict=True)
     ):
-        log_prob, free, entropy = frame_log_probs(predictor, hidden, mask, bo.boundaries)
+        log_prob, free, entropy, _ = frame_log_probs(predictor, hidden, mask, bo.boundaries)
         torch.testing.assert_close(log_prob.sum(1), bo.log_prob)
         assert (entropy >= 0).all() and (log_prob <= 0).all()
         if j == 0:  # input 1 has 20 real frames: the forced last one and the padding are not free
@@ -267,6 +267,22 @@ def test_ppo_iterations_with_count_penalty_reach_the_target_rate(toy):
     assert last < 0.5 * first and reward_last > reward_first + 0.3
 
 
+def test_boundary_loss_anchor_keeps_the_eval_rate_at_the_target(toy):
+    """GRPO trains the sampling rate, eval mode thresholds p: with a count penalty alone the p-values
+    spread below 0.5 and the eval rate falls far under the target; the predictors' own boundary loss
+    (weight ``boundary_loss_weight``) keeps the thresholded rate near it."""
+    rates = {}
+    for weight in (0.0, 1.0):
+        model = tiny_model(predictor_settings={**FIXED, "prior": 0.25, "train_sampling": "threshold"})
+        config = GRPOConfig(num_samples=4, penalty="count", boundary_loss_weight=weight)
+        torch.manual_seed(0)
+        history = run_grpo(model, toy, config, steps=60, lr=1e-2)
+        rates[weight] = statistics.mean(h["grpo_eval_rate_0"] for h in history[-5:])
+        assert ("grpo_boundary_loss" in history[-1]) == (weight > 0)
+    print(f"eval-mode boundary rate after GRPO (target 0.25): {rates}")
+    assert abs(rates[1.0] - 0.25) < abs(rates[0.0] - 0.25)
+
+
 # ---- the Trainer -----------------------------------------------------------------------------------
 class ToyDataset(Dataset):
     def __init__(self, inputs: dict) -> None:
@@ -328,7 +344,13 @@ def test_demo_config_selects_grpo_from_the_supervised_checkpoint():
     assert cfg.compressor.target == supervised.compressor.target
     cls, extra = trainer_class(cfg)
     assert cls is GRPOTrainer and extra["grpo"] == GRPOConfig.from_run_config(cfg)
-    assert extra["grpo"].num_samples >= 2 and extra["grpo"].num_iterations > 1 and extra["grpo"].clip_epsilon
+    grpo = extra["grpo"]
+    assert (
+        grpo.num_samples >= 2
+        and grpo.num_iterations > 1
+        and grpo.clip_epsilon
+        and grpo.boundary_loss_weight > 0
+    )
     assert trainer_class(supervised) == (MagnetTrainer, {})
 
 

@@ -92,6 +92,10 @@ class MagnetWhisperEncoder(nn.Module):
         self.predictors = nn.ModuleDict(
             {str(layer): build_predictor(config, dim) for layer in config.predictor_layers}
         )
+        # These modules initialize themselves (prior bias, identity or average-pooling weights); the
+        # PreTrainedModel's post_init must not overwrite that with its generic Linear/Conv init.
+        for module in [*self.predictors.modules(), *self.extra_convs.modules()]:
+            module._is_hf_initialized = True
         self.rotary: RotaryEmbedding | None = None
         if config.position_encoding == "rope":
             head_dim = dim // config.encoder_attention_heads

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,7 @@ from magnet_asr.training.trainer import MagnetTrainer
 __all__ = [
     "PENALTIES",
     "GRPOConfig",
+    "FrameLogProbs",
     "GRPOTrainer",
     "PredictorStep",
     "Rollout",
@@ -99,6 +100,10 @@ class GRPOConfig:
         clip_epsilon: PPO clip range ``epsilon``; ``None`` for the unclipped importance-weighted objective.
         num_iterations: ``mu``, optimizer steps per rollout.
         advantage_eps: ``eps`` in the advantage's denominator.
+        boundary_loss_weight: weight of the predictors' own (supervised) boundary loss, from their regular
+            forward on the stored inputs, added to the loss. It anchors the *evaluation* compression:
+            eval mode thresholds ``p > threshold`` while GRPO trains the Bernoulli(p) sampling rate, and
+            the two drift apart unless the probabilities are confident. 0 = pure GRPO.
         asr_loss_weight: weight of the sampled configurations' mean ASR loss added to the loss (only useful
             with ``train_all``: the predictors get no ASR gradient through sampled boundaries).
         train_all: keep every weight trainable instead of freezing all but the predictors.
@@ -110,6 +115,7 @@ class GRPOConfig:
     clip_epsilon: float | None = 0.2
     num_iterations: int = 1
     advantage_eps: float = 1e-4
+    boundary_loss_weight: float = 0.0
     asr_loss_weight: float = 0.0
     train_all: bool = False
 
@@ -121,8 +127,8 @@ class GRPOConfig:
             )
         if self.penalty not in PENALTIES:
             problems.append(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
-        if self.penalty_weight < 0 or self.asr_loss_weight < 0:
-            problems.append("penalty_weight and asr_loss_weight must be >= 0")
+        if min(self.penalty_weight, self.asr_loss_weight, self.boundary_loss_weight) < 0:
+            problems.append("penalty_weight, boundary_loss_weight and asr_loss_weight must be >= 0")
         if self.clip_epsilon is not None and not 0 < self.clip_epsilon < 1:
             problems.append(f"clip_epsilon must be in (0, 1) or None, got {self.clip_epsilon}")
         if self.num_iterations < 1:
@@ -142,6 +148,7 @@ class GRPOConfig:
             penalty_weight=t.grpo_penalty_weight,
             clip_epsilon=t.grpo_clip_epsilon,
             num_iterations=t.grpo_num_iterations,
+            boundary_loss_weight=t.grpo_boundary_loss_weight,
             asr_loss_weight=t.grpo_asr_loss_weight,
             train_all=t.grpo_train_all,
         )
@@ -222,17 +229,26 @@ def policy_predictors(model: nn.Module) -> list[BoundaryPredictor]:
     return [predictors[key] for key in sorted(predictors, key=int)]
 
 
+class FrameLogProbs(NamedTuple):
+    """Per-frame quantities of a policy evaluation, all ``(N, L)``."""
+
+    log_prob: Tensor  # log pi(b_t), 0 off the free frames
+    free: Tensor  # bool: real and not the forced last frame
+    entropy: Tensor  # Bernoulli entropy, 0 off the free frames
+    logits: Tensor  # boundary logits z_t
+
+
 def frame_log_probs(
     predictor: BoundaryPredictor, hidden: Tensor, mask: Tensor, actions: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> FrameLogProbs:
     """Per-frame log-probabilities of drawn boundaries under the predictor's current parameters.
 
     ``hidden (B, L, D)`` and ``mask (B, L)`` are what the predictor decided on; ``actions (R*B, L)`` the
     drawn 0/1 boundaries, ``R`` draws per row, input-major (the logits are repeated to match). Returns
     ``log_prob (R*B, L)`` = ``b log p + (1 - b) log(1 - p)`` on free frames and 0 elsewhere, the free-frame
     mask ``(R*B, L)`` (real and not the forced last frame), and the Bernoulli entropy per frame
-    ``H = softplus(z) - p z`` (0 off the free frames). Summed over frames, ``log_prob`` equals
-    ``BoundaryOutput.log_prob`` of the draw.
+    ``H = softplus(z) - p z`` (0 off the free frames), and the logits. Summed over frames, ``log_prob``
+    equals ``BoundaryOutput.log_prob`` of the draw.
     """
     real = frame_mask(mask, hidden.shape[0], hidden.shape[1], hidden.device)
     logits = predictor.boundary_logits(hidden, real)
@@ -245,7 +261,7 @@ def frame_log_probs(
     free = real & ~last_real_frame(real)
     log_prob = -F.binary_cross_entropy_with_logits(logits, actions.float(), reduction="none") * free
     entropy = (F.softplus(logits) - torch.sigmoid(logits) * logits) * free
-    return log_prob, free, entropy
+    return FrameLogProbs(log_prob, free, entropy, logits)
 
 
 @dataclass
@@ -256,6 +272,7 @@ class PredictorStep:
     mask: Tensor  # (B_j, L_j)
     actions: Tensor  # (N, L_j) drawn boundaries
     old_log_prob: Tensor  # (N, L_j) per-frame log pi_old, 0 off the free frames
+    target_counts: Tensor | None = None  # (B_j,) the boundary counts the predictor aimed at
 
 
 @dataclass
@@ -298,8 +315,9 @@ def collect_rollout(
             predictors, outputs.predictor_inputs, outputs.boundary_outputs, strict=True
         ):
             actions = out.boundaries.detach()
-            old, _, _ = frame_log_probs(predictor, hidden.detach(), mask, actions)
-            steps.append(PredictorStep(hidden.detach(), mask, actions, old))
+            old = frame_log_probs(predictor, hidden.detach(), mask, actions).log_prob
+            targets = out.target_counts[:: actions.shape[0] // hidden.shape[0]]  # one per input row
+            steps.append(PredictorStep(hidden.detach(), mask, actions, old, targets))
         groups = group_samples(rewards, k)
         stats = {
             "grpo_reward": float(rewards.mean()),
@@ -360,19 +378,30 @@ def grpo_loss(
     rollout forward's ``predictor_inputs`` with their graph) so that trainable layers below a predictor
     get the gradient too. Frames of all predictors are pooled into one average.
     """
-    log_probs, olds, frees, entropies = [], [], [], []
+    log_probs, olds, frees, entropies, anchors = [], [], [], [], []
+    eval_rates: dict[str, float] = {}
     for j, (predictor, step) in enumerate(zip(predictors, rollout.steps, strict=True)):
         hidden, mask = live_inputs[j] if live_inputs is not None else (step.hidden, step.mask)
-        log_prob, free, entropy = frame_log_probs(predictor, hidden, mask, step.actions)
-        log_probs.append(log_prob)
+        frames = frame_log_probs(predictor, hidden, mask, step.actions)
+        log_probs.append(frames.log_prob)
         olds.append(step.old_log_prob)
-        frees.append(free)
-        entropies.append(entropy)
+        frees.append(frames.free)
+        entropies.append(frames.entropy)
+        with torch.no_grad():  # what eval mode decides on the free frames: p > threshold
+            decided = (torch.sigmoid(frames.logits) > predictor.config.threshold) & frames.free
+            eval_rates[f"grpo_eval_rate_{j}"] = float(decided.sum() / frames.free.sum().clamp_min(1))
+        if config.boundary_loss_weight > 0:
+            anchors.append(predictor(hidden, mask, target_counts=step.target_counts).loss)
     free = torch.cat(frees, dim=1)
     loss, stats = clipped_surrogate(
         torch.cat(log_probs, dim=1), torch.cat(olds, dim=1), rollout.advantages, free, config.clip_epsilon
     )
     stats["grpo_entropy"] = float(torch.cat(entropies, dim=1).detach().sum() / free.sum().clamp_min(1))
+    stats.update(eval_rates)
+    if anchors:
+        anchor = torch.stack(anchors).sum()
+        stats["grpo_boundary_loss"] = float(anchor.detach())
+        loss = loss + config.boundary_loss_weight * anchor
     return loss, stats
 
 

@@ -119,7 +119,9 @@ def _setup_magnet_whisper(cfg: Any) -> ModelSetup:
 
 def _setup_model(cfg: Any) -> ModelSetup:
     if cfg.model == "magnet_whisper":
-        return _setup_magnet_whisper(cfg)
+        from magnet_asr.training.grpo import grpo_enabled, setup_grpo
+
+        return setup_grpo(cfg) if grpo_enabled(cfg) else _setup_magnet_whisper(cfg)
     if cfg.model == "speech_llm":
         from magnet_asr.training.speech_llm import setup_speech_llm
 
@@ -167,9 +169,10 @@ def _training_arguments(cfg: Any, output_dir: Path):
 def _setup_trainer(cfg: Any, setup: ModelSetup, data: DataSplits, output_dir: Path):
     from magnet_asr.data.collator import SpeechDataset
     from magnet_asr.training.callbacks import ScheduleCallback
-    from magnet_asr.training.trainer import MagnetTrainer
+    from magnet_asr.training.grpo import trainer_class
 
-    return MagnetTrainer(
+    cls, extra = trainer_class(cfg)  # GRPOTrainer for training.grpo=true, else MagnetTrainer
+    return cls(
         model=setup.model,
         args=_training_arguments(cfg, output_dir),
         train_dataset=SpeechDataset(data.train, max_seconds=cfg.data.max_seconds),
@@ -181,6 +184,7 @@ def _setup_trainer(cfg: Any, setup: ModelSetup, data: DataSplits, output_dir: Pa
         max_batch_seconds=cfg.training.max_batch_seconds,
         learning_rates=setup.learning_rates,
         callbacks=[ScheduleCallback.from_config(cfg)],
+        **extra,
     )
 
 
@@ -201,8 +205,8 @@ def train(cfg: Any) -> dict[str, Any]:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     output_dir = Path(cfg.training.output_dir)
-    # transformers 5 reads the TensorBoard directory from the environment; one fixed place per run
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "logs"))
+    # transformers 5 reads the TensorBoard directory from the environment: each run logs to its own logs/
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "logs")
     torch.manual_seed(cfg.training.seed)
     data = _setup_data(cfg)
     setup = _setup_model(cfg)
