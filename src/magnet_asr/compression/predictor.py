@@ -109,28 +109,41 @@ class BoundaryPredictor(nn.Module):
         dim = config.hidden_size
         if config.variant == "mlp":
             inner = config.mlp_hidden_size or dim
-            output = nn.Linear(inner, 1)
-            # Small output weights so every frame starts near the prior rate: an untrained predictor
-            # neither floods the pooled sequence with boundaries nor collapses it to one segment.
-            nn.init.normal_(output.weight, std=0.02 / math.sqrt(inner))
-            # Gumbel sampling fires at rate p, so a bias at the prior starts at the prior rate. The
-            # deterministic `threshold` decision (logit > 0) would fire nowhere from that bias; it starts
-            # at logit 0 instead (about one boundary per two frames) and the count loss pulls it down.
-            bias = _logit(config.prior) if config.train_sampling == "gumbel" else 0.0
-            nn.init.constant_(output.bias, bias)
             # Optional LayerNorm first: Whisper's activations are large and vary by layer and checkpoint;
             # normalized inputs keep the logits (and the learning rate that suits them) on one scale.
             norm = [nn.LayerNorm(dim)] if config.input_norm else []
             self.mlp = nn.Sequential(
-                *norm, nn.Linear(dim, inner), nn.GELU(), nn.Dropout(config.dropout), output
+                *norm, nn.Linear(dim, inner), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(inner, 1)
             )
         else:
             self.q_proj = nn.Linear(dim, dim, bias=False)
             self.k_proj = nn.Linear(dim, dim, bias=False)
-            with torch.no_grad():  # identity: at init the router compares the frames themselves
-                self.q_proj.weight.copy_(torch.eye(dim))
-                self.k_proj.weight.copy_(torch.eye(dim))
         self.attention = AttentionPooling(dim) if config.pooling == "attention" else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The predictor's own initialization. Models that re-initialize their modules generically
+        (Hugging Face ``post_init``) call this afterwards so the prior bias and identity router survive."""
+        config = self.config
+        if config.variant == "mlp":
+            for module in self.mlp:
+                if isinstance(module, (nn.Linear, nn.LayerNorm)):
+                    module.reset_parameters()
+            output = self.mlp[-1]
+            # Small output weights so every frame starts near the prior rate: an untrained predictor
+            # neither floods the pooled sequence with boundaries nor collapses it to one segment.
+            # (tensor methods, not nn.init: transformers guards nn.init during post_init)
+            output.weight.normal_(0.0, 0.02 / math.sqrt(output.in_features))
+            # Gumbel sampling fires at rate p, so a bias at the prior starts at the prior rate. The
+            # deterministic `threshold` decision (logit > 0) would fire nowhere from that bias; it starts
+            # at logit 0 instead (about one boundary per two frames) and the count loss pulls it down.
+            output.bias.fill_(_logit(config.prior) if config.train_sampling == "gumbel" else 0.0)
+        else:  # identity: at init the router compares the frames themselves
+            self.q_proj.weight.copy_(torch.eye(config.hidden_size))
+            self.k_proj.weight.copy_(torch.eye(config.hidden_size))
+        if self.attention is not None:
+            self.attention.query.zero_()  # softmax over equal scores: starts as the exact mean
 
     # ---- probabilities -------------------------------------------------------------------------
     def boundary_logits(self, hidden: Tensor, real: Tensor) -> Tensor:

@@ -60,12 +60,15 @@ class FixedStrideConv(nn.Module):
         super().__init__()
         self.stride = stride
         self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size=stride, stride=stride)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            eye = torch.eye(hidden_size) / stride
-            for tap in range(stride):
-                self.conv.weight[:, :, tap] = eye
-            self.conv.bias.zero_()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Average pooling: every tap is identity / stride."""
+        eye = torch.eye(self.conv.in_channels) / self.stride
+        for tap in range(self.stride):
+            self.conv.weight[:, :, tap] = eye
+        self.conv.bias.zero_()
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden (B, L, D)``, ``mask (B, L)`` -> ``(B, ceil(L/stride), D)`` and its mask."""
@@ -92,10 +95,7 @@ class MagnetWhisperEncoder(nn.Module):
         self.predictors = nn.ModuleDict(
             {str(layer): build_predictor(config, dim) for layer in config.predictor_layers}
         )
-        # These modules initialize themselves (prior bias, identity or average-pooling weights); the
-        # PreTrainedModel's post_init must not overwrite that with its generic Linear/Conv init.
-        for module in [*self.predictors.modules(), *self.extra_convs.modules()]:
-            module._is_hf_initialized = True
+
         self.rotary: RotaryEmbedding | None = None
         if config.position_encoding == "rope":
             head_dim = dim // config.encoder_attention_heads
@@ -217,6 +217,18 @@ class MagnetWhisperEncoder(nn.Module):
         if out.loss is not None:
             losses.append(out.loss)
         return out.pooled, out.pooled_mask
+
+
+def init_own_parameters(model: nn.Module) -> None:
+    """Re-run the own initialization of the modules that have one (predictors, fixed-stride convs).
+
+    For ``PreTrainedModel.init_weights``: its generic Linear/Conv init reaches these modules' layers but
+    never the modules themselves (they hold no parameters directly), so the prior bias, identity router
+    and average-pooling weights are restored here, after it.
+    """
+    for module in model.modules():
+        if isinstance(module, (BoundaryPredictor, FixedStrideConv)):
+            module.reset_parameters()
 
 
 def build_predictor(config, hidden_size: int) -> nn.Module:

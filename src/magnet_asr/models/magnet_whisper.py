@@ -27,7 +27,7 @@ from transformers.models.whisper.modeling_whisper import (
 )
 
 from magnet_asr.models.attention import RopeWhisperAttention, RotaryEmbedding, additive_mask
-from magnet_asr.models.encoder import MagnetEncoderOutput, MagnetWhisperEncoder
+from magnet_asr.models.encoder import MagnetEncoderOutput, MagnetWhisperEncoder, init_own_parameters
 
 POSITION_ENCODINGS = ("learned", "rope")
 
@@ -208,6 +208,10 @@ class MagnetWhisperModel(WhisperModel):
         self.decoder = MagnetWhisperDecoder(config)
         self.post_init()
 
+    def init_weights(self) -> None:
+        super().init_weights()
+        init_own_parameters(self)
+
 
 @dataclass
 class MagnetWhisperOutput(Seq2SeqLMOutput):
@@ -256,6 +260,10 @@ class MagnetWhisper(WhisperForConditionalGeneration):
             )
         model.generation_config = copy.deepcopy(base.generation_config)
         return model
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        init_own_parameters(self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):  # type: ignore[override]
