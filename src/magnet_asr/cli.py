@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded defaults (what `make demo` runs)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N utterances per split")
+    p.add_argument("--limit", type=int, default=100, help="evaluate at most N utterances per split")
     p.add_argument("--train-steps", type=int, default=100, help="steps of the short training runs (0: skip)")
     p.set_defaults(func=_cmd_demo)
     return parser

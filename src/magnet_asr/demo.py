@@ -20,7 +20,7 @@ DEMO_DATA = (("asterisk", "test"), ("synth", "test"))
 DEMO_EXPERIMENTS = ("magnet_demo", "magnet_demo_control")
 
 
-def _train_rows(out: Path, train_steps: int) -> list[dict[str, Any]]:
+def _train_rows(out: Path, train_steps: int, limit: int | None) -> list[dict[str, Any]]:
     """Short runs of the MagnetWhisper experiment and its control; one table row per test split."""
     from magnet_asr.schema import load_run_config
     from magnet_asr.training.recipe import train
@@ -33,6 +33,7 @@ def _train_rows(out: Path, train_steps: int) -> list[dict[str, Any]]:
             "training.eval_steps=0",
             f"training.save_steps={train_steps}",
             f"training.output_dir={out / experiment}",
+            f"data.max_eval_utterances={'null' if limit is None else limit}",
         ]
         results = train(load_run_config(overrides))
         for spec, summary in results["test"].items():
@@ -41,7 +42,7 @@ def _train_rows(out: Path, train_steps: int) -> list[dict[str, Any]]:
 
 
 def run_demo(
-    out_dir: str | Path = "runs/demo", limit: int | None = None, batch_size: int = 8, train_steps: int = 100
+    out_dir: str | Path = "runs/demo", limit: int | None = 100, batch_size: int = 8, train_steps: int = 100
 ) -> list[dict]:
     """Run the demo; ``train_steps=0`` skips the training part."""
     from magnet_asr.data.corpora import build_corpus
@@ -67,7 +68,7 @@ def run_demo(
             rows.append(table_row(summary))
             print(markdown_table(rows[-1:]))
     if train_steps > 0:
-        rows.extend(_train_rows(out, train_steps))
+        rows.extend(_train_rows(out, train_steps, limit))
     notes = (
         "Pretrained rows: zero-shot Whisper, greedy decoding on 30 s padded input. Trained rows: MagnetWhisper "
         "fine-tuned on this CPU on variable-length input (compressed: one predictor at encoder layer 1 with "
