@@ -99,7 +99,12 @@ def test_two_process_cpu_ddp(tmp_path, tiny_whisper_dir, speech_manifest, train_
         tiny_whisper_dir,
         speech_manifest,
         out_dir,
-        **{"training.max_steps": 4, "training.save_steps": 4, "training.report_to": "[tensorboard]"},
+        **{
+            "training.max_steps": 4,
+            "training.save_steps": 4,
+            "training.eval_steps": 4,  # evaluation shards the utterances over ranks and gathers them
+            "training.report_to": "[tensorboard]",
+        },
     )
     launcher = [
         str(Path(sys.executable).parent / "accelerate"),
@@ -117,3 +122,4 @@ def test_two_process_cpu_ddp(tmp_path, tiny_whisper_dir, speech_manifest, train_
     assert [p.name for p in out_dir.glob("checkpoint-*")] == ["checkpoint-4"]
     assert len(list((out_dir / "logs").glob("events.out.tfevents.*"))) == 1
     assert (out_dir / "results.json").is_file()
+    assert "'eval_num_utterances': '2'" in log  # both ranks' shards of the 2 validation utterances
