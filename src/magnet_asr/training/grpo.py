@@ -473,27 +473,9 @@ def setup_grpo(cfg: Any) -> Any:
     """A GRPO run's :class:`~magnet_asr.training.recipe.ModelSetup`: :func:`load_policy_model`, the
     checkpoint's tokenizer, a ``WhisperCollator`` with the compressor's targets, the recognizer for
     validation WER, and the predictors' learning rate."""
-    from transformers import AutoTokenizer
+    from magnet_asr.training.recipe import magnet_whisper_setup
 
-    from magnet_asr.data.collator import WhisperCollator
-    from magnet_asr.evaluation.decode import MagnetWhisperRecognizer
-    from magnet_asr.training.recipe import ModelSetup
-    from magnet_asr.weights import resolve_model
-
-    model = load_policy_model(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.encoder.name))
-    collator = WhisperCollator(
-        tokenizer,
-        n_mels=model.config.num_mel_bins,
-        target=cfg.compressor.target,
-        num_predictors=len(model.config.predictor_layers),
-    )
-    rates = {}
-    if cfg.training.predictor_learning_rate is not None:
-        rates["predictors."] = cfg.training.predictor_learning_rate
-    return ModelSetup(
-        model, tokenizer, collator, lambda m: MagnetWhisperRecognizer(m, tokenizer, name=cfg.run_name), rates
-    )
+    return magnet_whisper_setup(cfg, load_policy_model(cfg))
 
 
 def trainer_class(cfg: Any) -> tuple[type[MagnetTrainer], dict[str, Any]]:

@@ -80,14 +80,8 @@ class ModelSetup:
     learning_rates: dict[str, float] = field(default_factory=dict)
 
 
-def _setup_magnet_whisper(cfg: Any) -> ModelSetup:
-    from transformers import AutoTokenizer
-
-    from magnet_asr.data.collator import WhisperCollator
-    from magnet_asr.evaluation.decode import MagnetWhisperRecognizer
-    from magnet_asr.models import MagnetWhisper
-    from magnet_asr.weights import resolve_model
-
+def encoder_settings(cfg: Any) -> dict[str, Any]:
+    """``MagnetWhisperConfig`` keyword arguments from the ``encoder`` and ``compressor`` groups."""
     settings: dict[str, Any] = {
         "position_encoding": cfg.encoder.position_encoding,
         "extra_conv_strides": list(cfg.encoder.extra_conv_strides),
@@ -96,18 +90,24 @@ def _setup_magnet_whisper(cfg: Any) -> ModelSetup:
         settings.update(
             predictor_layers=list(cfg.compressor.layers), predictor_settings=predictor_settings(cfg)
         )
-    model = MagnetWhisper.from_whisper(cfg.encoder.name, **settings)
-    if cfg.encoder.freeze:
-        for name, param in model.model.encoder.named_parameters():
-            param.requires_grad = "predictors." in name
-    if cfg.encoder.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    return settings
+
+
+def magnet_whisper_setup(cfg: Any, model: torch.nn.Module) -> ModelSetup:
+    """Tokenizer, collator, recognizer and learning rates around a MagnetWhisper ``model``."""
+    from transformers import AutoTokenizer
+
+    from magnet_asr.data.collator import WhisperCollator
+    from magnet_asr.evaluation.decode import MagnetWhisperRecognizer
+    from magnet_asr.weights import resolve_model
+
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.encoder.name))
+    num_predictors = len(model.config.predictor_layers)
     collator = WhisperCollator(
         tokenizer,
         n_mels=model.config.num_mel_bins,
-        target=cfg.compressor.target if cfg.compressor.enabled else None,
-        num_predictors=len(model.config.predictor_layers),
+        target=cfg.compressor.target if num_predictors else None,
+        num_predictors=num_predictors,
     )
     rates = {}
     if cfg.training.predictor_learning_rate is not None:
@@ -115,6 +115,18 @@ def _setup_magnet_whisper(cfg: Any) -> ModelSetup:
     return ModelSetup(
         model, tokenizer, collator, lambda m: MagnetWhisperRecognizer(m, tokenizer, name=cfg.run_name), rates
     )
+
+
+def _setup_magnet_whisper(cfg: Any) -> ModelSetup:
+    from magnet_asr.models import MagnetWhisper
+
+    model = MagnetWhisper.from_whisper(cfg.encoder.name, **encoder_settings(cfg))
+    if cfg.encoder.freeze:
+        for name, param in model.model.encoder.named_parameters():
+            param.requires_grad = "predictors." in name
+    if cfg.encoder.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return magnet_whisper_setup(cfg, model)
 
 
 def _setup_model(cfg: Any) -> ModelSetup:

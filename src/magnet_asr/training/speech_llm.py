@@ -23,21 +23,6 @@ from magnet_asr.models.speech_llm import SpeechLLM, build_speech_llm
 __all__ = ["learning_rates", "setup_speech_llm", "speech_llm_settings"]
 
 
-def _encoder_settings(cfg: Any) -> dict[str, Any]:
-    """``MagnetWhisperConfig`` keyword arguments: positions, fixed strides, predictors."""
-    from magnet_asr.training.recipe import predictor_settings
-
-    settings: dict[str, Any] = {
-        "position_encoding": cfg.encoder.position_encoding,
-        "extra_conv_strides": list(cfg.encoder.extra_conv_strides),
-    }
-    if cfg.compressor.enabled:
-        settings.update(
-            predictor_layers=list(cfg.compressor.layers), predictor_settings=predictor_settings(cfg)
-        )
-    return settings
-
-
 def _decoding(cfg: Any) -> dict[str, Any]:
     llm = cfg.llm
     return {
@@ -51,9 +36,11 @@ def _decoding(cfg: Any) -> dict[str, Any]:
 
 def speech_llm_settings(cfg: Any) -> dict[str, Any]:
     """:class:`~magnet_asr.models.speech_llm.SpeechLLMConfig` fields from a composed run config."""
+    from magnet_asr.training import recipe
+
     llm, projector = cfg.llm, cfg.projector
     return {
-        "encoder_settings": _encoder_settings(cfg),
+        "encoder_settings": recipe.encoder_settings(cfg),
         "freeze_encoder": bool(cfg.encoder.freeze),
         "llm_finetune": llm.finetune,
         "lora_rank": llm.lora_rank,
