@@ -125,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_train)
 
+    from magnet_asr.evaluation.run_report import add_report_parser
     from magnet_asr.remote.cli import add_remote_parser
+
+    add_report_parser(sub)  # `magnet-asr report RUN_DIR...`
 
     add_remote_parser(sub)  # `magnet-asr remote deploy|start|attach`
 
