@@ -32,6 +32,9 @@ class CompressorConfig:
     layers: list[int] = field(default_factory=lambda: [1])  # encoder layers that get a predictor
     variant: str = "mlp"  # mlp | cosine
     target: str = "phoneme"  # phoneme | syllable | fixed
+    # segments per phoneme / syllable: 1.0 is MAGNET's one per unit; above 1 compresses less (sub-unit
+    # segments), below 1 more
+    boundaries_per_unit: float = 1.0
     compression: float = 5.0  # target factor for `fixed`, and the prior rate 1/compression
     pooling: str = "mean"  # mean | attention
     temperature: float = 1.0

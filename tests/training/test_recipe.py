@@ -91,9 +91,31 @@ def test_killed_run_resumes_to_the_same_weights(
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_two_process_cpu_ddp(tmp_path, tiny_whisper_dir, speech_manifest, train_args, start_training):
-    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("accelerate launcher not installed")
+def _launcher(name: str, port: int) -> list[str]:
+    executable = shutil.which(name, path=str(Path(sys.executable).parent))
+    if executable is None:
+        pytest.skip(f"{name} launcher not installed")
+    if name == "accelerate":
+        config = str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml")
+        return [executable, "launch", "--config_file", config, "--main_process_port", str(port), "-m"]
+    return [executable, "--nproc_per_node", "2", "--master_port", str(port), "-m"]
+
+
+@pytest.mark.parametrize(
+    ("launcher", "extra"),
+    [
+        ("accelerate", {}),
+        # torchrun, with duration batching sharded by rank and W&B, which must log offline (no API key)
+        ("torchrun", {"training.max_batch_seconds": 5.0, "training.report_to": "[tensorboard,wandb]"}),
+    ],
+)
+def test_two_process_cpu_ddp(
+    tmp_path, tiny_whisper_dir, speech_manifest, train_args, start_training, monkeypatch, launcher, extra
+):
+    if "wandb" in extra.get("training.report_to", ""):
+        pytest.importorskip("wandb")
+        for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
+            monkeypatch.delenv(name, raising=False)
     out_dir = tmp_path / "ddp"
     overrides = train_args(
         tiny_whisper_dir,
@@ -104,18 +126,11 @@ def test_two_process_cpu_ddp(tmp_path, tiny_whisper_dir, speech_manifest, train_
             "training.save_steps": 4,
             "training.eval_steps": 4,  # evaluation shards the utterances over ranks and gathers them
             "training.report_to": "[tensorboard]",
+            **extra,
         },
     )
-    launcher = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"),
-        "--main_process_port",
-        "29533",
-        "-m",
-    ]
-    log = finish(start_training(overrides, launcher=launcher), timeout=900)
+    port = 29533 if launcher == "accelerate" else 29534
+    log = finish(start_training(overrides, launcher=_launcher(launcher, port)), timeout=900)
     checksums = dict(re.findall(r"rank (\d) weights checksum (\w+)", log))
     assert set(checksums) == {"0", "1"} and checksums["0"] == checksums["1"], log[-4000:]
     assert "effective batch size: 8 (2 process(es))" in log
@@ -123,3 +138,6 @@ def test_two_process_cpu_ddp(tmp_path, tiny_whisper_dir, speech_manifest, train_
     assert len(list((out_dir / "logs").glob("events.out.tfevents.*"))) == 1
     assert (out_dir / "results.json").is_file()
     assert "'eval_num_utterances': '2'" in log  # both ranks' shards of the 2 validation utterances
+    if "wandb" in extra.get("training.report_to", ""):
+        assert "logging offline" in log
+        assert len(list((out_dir / "wandb").glob("offline-run-*"))) == 1  # rank 0 only

@@ -64,8 +64,12 @@ def pad_sequences(sequences: Sequence[Sequence[int]], value: int) -> torch.Tenso
     return out
 
 
-def collate_target_counts(texts: Sequence[str], kind: str | None, num_predictors: int) -> torch.Tensor | None:
+def collate_target_counts(
+    texts: Sequence[str], kind: str | None, num_predictors: int, per_unit: float = 1.0
+) -> torch.Tensor | None:
     """Per-utterance boundary targets ``(num_predictors, B)`` from transcripts (phonemes or syllables).
+
+    ``per_unit`` scales the unit counts (1.7 aims at 1.7 segments per phoneme).
 
     ``None`` for ``fixed`` (or no predictors): the predictor then aims at its prior rate per real frame.
     Every predictor gets the same transcript count; the encoder clamps it to the frames it sees.
@@ -74,7 +78,9 @@ def collate_target_counts(texts: Sequence[str], kind: str | None, num_predictors
         return None
     from magnet_asr.compression import transcript_counts
 
-    counts = transcript_counts(list(texts), kind).clamp_min(1.0)
+    if not per_unit > 0:
+        raise ValueError(f"compressor.boundaries_per_unit must be > 0, got {per_unit}")
+    counts = (transcript_counts(list(texts), kind) * per_unit).clamp_min(1.0)
     return counts[None].expand(num_predictors, -1).clone()
 
 
@@ -91,6 +97,7 @@ class WhisperCollator:
     n_mels: int = 80
     target: str | None = None
     num_predictors: int = 0
+    boundaries_per_unit: float = 1.0
     pad_to: int | None = None  # samples; N_SAMPLES gives Whisper's 30 s input (zero-shot evaluation)
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -102,7 +109,9 @@ class WhisperCollator:
         batch["input_features"], batch["attention_mask"] = pad_features(feats)
         labels = [self._label_ids(it["text"]) for it in good]
         batch["labels"] = pad_sequences(labels, -100)
-        counts = collate_target_counts([it["text"] for it in good], self.target, self.num_predictors)
+        counts = collate_target_counts(
+            [it["text"] for it in good], self.target, self.num_predictors, self.boundaries_per_unit
+        )
         if counts is not None:
             batch["target_counts"] = counts
         return batch

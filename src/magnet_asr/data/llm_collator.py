@@ -183,6 +183,7 @@ class SpeechLLMCollator:
     n_mels: int = 80
     target: str | None = None
     num_predictors: int = 0
+    boundaries_per_unit: float = 1.0
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         good = [it for it in items if "error" not in it]
@@ -193,7 +194,9 @@ class SpeechLLMCollator:
         batch["input_features"], batch["attention_mask"] = pad_features(feats)
         responses = [self.prompt.response_ids(self.tokenizer, it["text"]) for it in good]
         batch["labels"] = pad_sequences(responses, IGNORE_INDEX)
-        counts = collate_target_counts([it["text"] for it in good], self.target, self.num_predictors)
+        counts = collate_target_counts(
+            [it["text"] for it in good], self.target, self.num_predictors, self.boundaries_per_unit
+        )
         if counts is not None:
             batch["target_counts"] = counts
         # the length guards against two corpora reusing an id

@@ -5,6 +5,7 @@ Split into ``_setup_*`` steps (torchtune style) so each is reachable from tests.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -108,6 +109,7 @@ def magnet_whisper_setup(cfg: Any, model: torch.nn.Module) -> ModelSetup:
         n_mels=model.config.num_mel_bins,
         target=cfg.compressor.target if num_predictors else None,
         num_predictors=num_predictors,
+        boundaries_per_unit=cfg.compressor.boundaries_per_unit,
     )
     rates = {}
     if cfg.training.predictor_learning_rate is not None:
@@ -211,14 +213,34 @@ def _resume_path(cfg: Any, output_dir: Path) -> str | bool | None:
     return str(value)
 
 
+def logging_environment(report_to: list[str], output_dir: Path) -> None:
+    """Environment the Trainer's loggers read; call before the Trainer exists.
+
+    transformers 5 reads the TensorBoard directory from the environment, so each run logs to its own
+    ``logs/``. W&B without ``WANDB_API_KEY`` would ask for a login (or fail without a network): it then
+    runs offline into the output directory, to be synced later with ``wandb sync``.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "logs")
+    if "wandb" not in report_to:
+        return
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            "training.report_to names wandb, which is not installed: pip install 'magnet-asr[wandb]'"
+        )
+    os.environ.setdefault("WANDB_PROJECT", "magnet-asr")
+    os.environ.setdefault("WANDB_DIR", str(output_dir))
+    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        os.environ["WANDB_MODE"] = "offline"
+        print(f"W&B: no WANDB_API_KEY, logging offline to {output_dir}/wandb (upload with `wandb sync`)")
+
+
 def train(cfg: Any) -> dict[str, Any]:
     """Run a whole training job from a composed run config; returns the final results."""
     from magnet_asr.evaluation.evaluate import evaluate, write_json
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     output_dir = Path(cfg.training.output_dir)
-    # transformers 5 reads the TensorBoard directory from the environment: each run logs to its own logs/
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "logs")
+    logging_environment(list(cfg.training.report_to), output_dir)
     torch.manual_seed(cfg.training.seed)
     data = _setup_data(cfg)
     setup = _setup_model(cfg)

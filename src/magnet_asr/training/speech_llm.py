@@ -84,6 +84,7 @@ def setup_speech_llm(
         n_mels=int(model.encoder.config.num_mel_bins),
         target=cfg.compressor.target if cfg.compressor.enabled else None,
         num_predictors=len(model.config.predictor_layers),
+        boundaries_per_unit=cfg.compressor.boundaries_per_unit,
     )
 
     def make_recognizer(trained: Any) -> SpeechLLMRecognizer:

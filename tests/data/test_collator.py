@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from magnet_asr.data.collator import collate_target_counts
+
+TEXTS = ["the cat sat on the mat", "please leave a message after the tone"]
+
+
+def test_target_counts_one_row_per_predictor_scaled_per_unit() -> None:
+    base = collate_target_counts(TEXTS, "phoneme", num_predictors=2)
+    assert base is not None and base.shape == (2, 2)
+    assert torch.equal(base[0], base[1])
+    assert bool((base[:, 1] > base[:, 0]).all())  # the longer transcript has more phonemes
+    scaled = collate_target_counts(TEXTS, "phoneme", num_predictors=2, per_unit=1.7)
+    assert torch.allclose(scaled, base * 1.7)
+
+
+def test_no_target_counts_for_fixed_rate_or_no_predictor() -> None:
+    assert collate_target_counts(TEXTS, "fixed", num_predictors=1) is None
+    assert collate_target_counts(TEXTS, "phoneme", num_predictors=0) is None
+
+
+def test_non_positive_boundaries_per_unit_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="boundaries_per_unit"):
+        collate_target_counts(TEXTS, "syllable", num_predictors=1, per_unit=0.0)
