@@ -71,6 +71,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from magnet_asr.training.sweep import run_sweep
+
+    run_sweep(args.overrides, args.param, args.out)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from magnet_asr.demo import run_demo
 
@@ -124,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="Hydra overrides (group=option, key=value, +experiments=NAME)"
     )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "sweep", help="one training run per value of a config key, then a WER-vs-compression table"
+    )
+    p.add_argument(
+        "--param", required=True, help="KEY=V1,V2,... e.g. compressor.boundaries_per_unit=1.0,1.7,2.5"
+    )
+    p.add_argument("--out", default="runs/sweep", help="sweep directory: one run per point, sweep.md")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides shared by every point")
+    p.set_defaults(func=_cmd_sweep)
 
     from magnet_asr.evaluation.run_report import add_report_parser
     from magnet_asr.remote.cli import add_remote_parser

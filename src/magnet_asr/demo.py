@@ -5,7 +5,8 @@
 3. evaluate the pretrained Whisper models zero-shot on held-out speech (30 s padded input);
 4. train short versions of ``magnet_demo`` (compressed MagnetWhisper) and its uncompressed control
    on this CPU, and evaluate both on the same test splits;
-5. print the table and write it as JSON and Markdown under ``runs/``.
+5. print the table and write it as JSON and Markdown under ``runs/demo``;
+6. write the report with plots (``magnet-asr report``) for the trained runs: ``runs/demo/report``.
 """
 
 from __future__ import annotations
@@ -78,4 +79,10 @@ def run_demo(
     json_path, md_path = write_report(rows, out, title="magnet-asr demo", notes=notes)
     print(markdown_table(rows))
     print(f"wrote {json_path} and {md_path}")
+    if train_steps > 0:
+        from magnet_asr.evaluation.run_report import build_report
+
+        runs = [out / experiment for experiment in DEMO_EXPERIMENTS]
+        report = build_report([*runs, out], out / "report", title="magnet-asr demo report")
+        print(f"wrote {report}")
     return rows

@@ -131,6 +131,7 @@ class BoundaryPredictor(nn.Module):
                 if isinstance(module, (nn.Linear, nn.LayerNorm)):
                     module.reset_parameters()
             output = self.mlp[-1]
+            assert isinstance(output, nn.Linear)
             # Small output weights so every frame starts near the prior rate: an untrained predictor
             # neither floods the pooled sequence with boundaries nor collapses it to one segment.
             # (tensor methods, not nn.init: transformers guards nn.init during post_init)

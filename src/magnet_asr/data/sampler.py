@@ -56,7 +56,9 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
         return batches
 
     def _pack(self, indices: list[int]) -> list[list[int]]:
-        batches, current, longest = [], [], 0.0
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest = 0.0
         for i in indices:
             longest_if_added = max(longest, self.durations[i])
             # padded cost: every clip in a batch is as long as its longest

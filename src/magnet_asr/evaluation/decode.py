@@ -13,12 +13,17 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from magnet_asr.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, num_encoder_frames
+
+if TYPE_CHECKING:
+    from transformers import WhisperForConditionalGeneration
+
+    from magnet_asr.models import MagnetWhisper
 
 # Whisper emits roughly 3-4 tokens per second of speech; this cap stops a looping decoder early
 # without ever cutting a real transcript (Whisper's own hard limit is 448 target positions).
@@ -53,7 +58,7 @@ class WhisperRecognizer:
 
     max_seconds = float(CHUNK_LENGTH)
 
-    def __init__(self, model: torch.nn.Module, tokenizer, name: str = "whisper") -> None:
+    def __init__(self, model: WhisperForConditionalGeneration, tokenizer, name: str = "whisper") -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -67,7 +72,8 @@ class WhisperRecognizer:
     def from_pretrained(cls, path: str, device: str = "cpu") -> WhisperRecognizer:
         from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
-        model = WhisperForConditionalGeneration.from_pretrained(path).to(device)
+        # PreTrainedModel.to is wrapped with functools.wraps, whose stub does not bind ``self``
+        model = WhisperForConditionalGeneration.from_pretrained(path).to(device)  # type: ignore[arg-type]
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, name=str(path))
 
@@ -106,6 +112,8 @@ def batch_features(waveforms: Sequence[np.ndarray], n_mels: int) -> tuple[torch.
 class MagnetWhisperRecognizer(WhisperRecognizer):
     """MagnetWhisper on variable-length input: no padding to 30 s, compression reported per sample."""
 
+    model: MagnetWhisper
+
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu") -> MagnetWhisperRecognizer:
         from transformers import AutoTokenizer
@@ -126,6 +134,7 @@ class MagnetWhisperRecognizer(WhisperRecognizer):
             kwargs.update(language="en", task="transcribe")
         tokens = self.model.generate(**kwargs)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        assert encoded.frames_before is not None and encoded.frames_after is not None  # set by encode
         before, after = encoded.frames_before.tolist(), encoded.frames_after.tolist()
         return [Transcription(t.strip(), int(b), int(a)) for t, b, a in zip(texts, before, after)]
 

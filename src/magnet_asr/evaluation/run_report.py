@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from magnet_asr.evaluation.report import markdown_table, table_row, write_report
 
@@ -60,8 +60,19 @@ def load_run(path: Path) -> Run | None:
     return Run(path=path, name=str(results.get("run_name") or path.name), tests=tests)
 
 
-def _is_eval_summary(data: dict[str, Any] | None) -> bool:
-    return bool(data) and "model" in data and isinstance(data.get("wer"), int | float)
+def expand_run_dirs(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` with each sweep directory (no ``results.json``, runs one level below) replaced by its runs."""
+    out: list[Path] = []
+    for path in paths:
+        children = sorted(c.parent for c in path.glob("*/results.json"))
+        out += children if not (path / "results.json").is_file() and children else [path]
+    return out
+
+
+def _is_eval_summary(data: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
+    if not data:
+        return False
+    return "model" in data and isinstance(data.get("wer"), int | float)
 
 
 def find_references(run_dirs: Sequence[Path], extra: Sequence[Path] = ()) -> list[dict[str, Any]]:
@@ -74,7 +85,7 @@ def find_references(run_dirs: Sequence[Path], extra: Sequence[Path] = ()) -> lis
     for parent in sorted({d.resolve().parent for d in run_dirs}):
         candidates += sorted(parent.glob("*.json"))
     seen: set[tuple[Any, ...]] = set()
-    out = []
+    out: list[dict[str, Any]] = []
     for path in candidates:
         data = _read_json(path)
         key = (data or {}).get("model"), (data or {}).get("data"), (data or {}).get("wer")
@@ -180,7 +191,11 @@ def _frame_ends(outputs: Sequence[Any]) -> list[np.ndarray]:
 
     ends: list[np.ndarray] = []
     for out in outputs:
-        real = out.mask[0].bool() if out.mask is not None else torch.ones_like(out.boundaries[0], dtype=bool)
+        real = (
+            out.mask[0].bool()
+            if out.mask is not None
+            else torch.ones_like(out.boundaries[0], dtype=torch.bool)
+        )
         local = segment_ends(out.boundaries[0][real].float().cpu().numpy())
         ends.append(ends[-1][local] if ends else local)
     return ends
@@ -344,7 +359,7 @@ def build_report(
 ) -> Path:
     """Write ``out/report.md`` (plus ``out/results.json`` and PNGs under ``out/figures``); return the
     Markdown path. ``data``: corpus for the boundary plots (default: the first run's first test corpus)."""
-    run_dirs = [Path(d) for d in run_dirs]
+    run_dirs = expand_run_dirs([Path(d) for d in run_dirs])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in (load_run(d) for d in run_dirs) if r is not None]
@@ -379,7 +394,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``report`` on an ``argparse`` subparsers object; its handler is :func:`cmd_report`."""
     p = subparsers.add_parser("report", help="Markdown report with plots for training runs")
-    p.add_argument("run_dirs", nargs="+", type=Path, help="run directories (results.json, final/, logs/)")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        help="run directories (results.json, final/, logs/) or sweep directories",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/report"), help="output directory")
     p.add_argument("--data", default=None, help="corpus for the boundary plots (default: first test corpus)")
     p.add_argument("--reference", type=Path, action="append", help="zero-shot evaluation JSON (repeatable)")

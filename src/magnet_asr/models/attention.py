@@ -96,6 +96,7 @@ class RopeWhisperAttention(WhisperAttention):
         cache = past_key_values
         reuse = False
         if isinstance(cache, EncoderDecoderCache):
+            assert self.layer_idx is not None  # set for decoder layers; cache.update needs it anyway
             reuse = bool(cache.is_updated.get(self.layer_idx)) and is_cross
             if is_cross:
                 cache.is_updated[self.layer_idx] = True

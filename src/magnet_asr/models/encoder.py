@@ -22,7 +22,12 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
-from magnet_asr.compression import BoundaryPredictor, BoundaryPredictorConfig, scheduled_counts
+from magnet_asr.compression import (
+    BoundaryOutput,
+    BoundaryPredictor,
+    BoundaryPredictorConfig,
+    scheduled_counts,
+)
 from magnet_asr.models.attention import RopeWhisperAttention, RotaryEmbedding, additive_mask, apply_mask
 
 
@@ -68,6 +73,7 @@ class FixedStrideConv(nn.Module):
         eye = torch.eye(self.conv.in_channels) / self.stride
         for tap in range(self.stride):
             self.conv.weight[:, :, tap] = eye
+        assert self.conv.bias is not None  # nn.Conv1d(bias=True), the default
         self.conv.bias.zero_()
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +166,9 @@ class MagnetWhisperEncoder(nn.Module):
             mask.sum(1) if mask is not None else torch.full((hidden.shape[0],), length, device=hidden.device)
         )
 
-        boundary_outputs, losses, inputs = [], [], []
+        boundary_outputs: list[BoundaryOutput] = []
+        losses: list[torch.Tensor] = []
+        inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         sampling = {"num_samples": num_boundary_samples, "inputs": inputs}
         for index, layer in enumerate(self.layers):
             hidden, mask = self._maybe_pool(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -201,11 +201,13 @@ class MagnetWhisperDecoder(WhisperDecoder):
 
 class MagnetWhisperModel(WhisperModel):
     config_class = MagnetWhisperConfig
+    config: MagnetWhisperConfig
 
     def __init__(self, config: MagnetWhisperConfig) -> None:
         WhisperPreTrainedModel.__init__(self, config)  # skip WhisperModel's own encoder/decoder
-        self.encoder = MagnetWhisperEncoder(config)
-        self.decoder = MagnetWhisperDecoder(config)
+        # replaces Whisper's encoder (same parameter names, but not a WhisperEncoder subclass)
+        self.encoder: MagnetWhisperEncoder = MagnetWhisperEncoder(config)  # type: ignore[assignment]
+        self.decoder: MagnetWhisperDecoder = MagnetWhisperDecoder(config)
         self.post_init()
 
     def init_weights(self) -> None:
@@ -217,8 +219,8 @@ class MagnetWhisperModel(WhisperModel):
 class MagnetWhisperOutput(Seq2SeqLMOutput):
     """``loss`` = ASR loss + ``boundary_loss_weight`` x boundary loss; both parts are kept separately."""
 
-    asr_loss: torch.FloatTensor | None = None
-    boundary_loss: torch.FloatTensor | None = None
+    asr_loss: torch.Tensor | None = None
+    boundary_loss: torch.Tensor | None = None
     encoder_attention_mask: torch.Tensor | None = None
     frames_before: torch.Tensor | None = None
     frames_after: torch.Tensor | None = None
@@ -232,10 +234,11 @@ class MagnetWhisper(WhisperForConditionalGeneration):
 
     config_class = MagnetWhisperConfig
     base_model_prefix = "model"
+    config: MagnetWhisperConfig
 
     def __init__(self, config: MagnetWhisperConfig) -> None:
         WhisperPreTrainedModel.__init__(self, config)  # skip building a plain WhisperModel first
-        self.model = MagnetWhisperModel(config)
+        self.model: MagnetWhisperModel = MagnetWhisperModel(config)
         self.proj_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.max_target_positions = config.max_target_positions
         self.post_init()
@@ -272,8 +275,10 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         want_info = kwargs.pop("output_loading_info", False)
         # mismatched shapes are collected (not raised bare) so the error below can name them
         kwargs.setdefault("ignore_mismatched_sizes", True)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        # with output_loading_info=True, from_pretrained returns (model, info); its annotation omits that
+        model, info = cast(
+            "tuple[MagnetWhisper, dict[str, Any]]",
+            super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs),
         )
         problems = {
             k: sorted(v)[:5]
@@ -294,13 +299,13 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         self,
         input_features: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: MagnetEncoderOutput | None = None,
         past_key_values=None,
         decoder_inputs_embeds=None,
         decoder_position_ids=None,
-        labels: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
         target_counts: torch.Tensor | None = None,
         use_cache: bool | None = None,
         num_boundary_samples: int = 0,
@@ -321,8 +326,9 @@ class MagnetWhisper(WhisperForConditionalGeneration):
                 for x in (labels, decoder_input_ids, decoder_attention_mask)
             )
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            # shift_tokens_right raises its own error for a missing pad_token_id
             decoder_input_ids = shift_tokens_right(
-                labels, self.config.pad_token_id, self.config.decoder_start_token_id
+                labels, cast(int, self.config.pad_token_id), self.config.decoder_start_token_id
             )
         if encoder_outputs is None:
             encoder_outputs = self.model.encoder(
@@ -381,12 +387,12 @@ class MagnetWhisper(WhisperForConditionalGeneration):
             frames_after=out.frames_after,
         )
 
-    def generate(
+    def generate(  # type: ignore[override]
         self,
         input_features: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
-    ):  # type: ignore[override]
+    ):
         """Whisper ``generate`` on the compressed, variable-length encoder output (no padding to 30 s)."""
         if input_features is not None and "encoder_outputs" not in kwargs:
             kwargs["encoder_outputs"] = self.encode(input_features, attention_mask)

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,9 @@ from magnet_asr.compression import BoundaryPredictor, binomial_count_loss, group
 from magnet_asr.compression.losses import repulsion_loss
 from magnet_asr.compression.pooling import frame_mask, last_real_frame
 from magnet_asr.training.trainer import MagnetTrainer
+
+if TYPE_CHECKING:
+    from magnet_asr.models import MagnetWhisper
 
 __all__ = [
     "PENALTIES",
@@ -224,7 +227,7 @@ def group_advantages(rewards: Tensor, num_samples: int, eps: float = 1e-4) -> Te
 # ---- the policy ------------------------------------------------------------------------------------
 def policy_predictors(model: nn.Module) -> list[BoundaryPredictor]:
     """The predictors of a (possibly wrapped) ``MagnetWhisper``, in the order the encoder runs them."""
-    module = getattr(model, "module", model)  # DDP
+    module: Any = getattr(model, "module", model)  # DDP
     predictors = module.model.encoder.predictors
     return [predictors[key] for key in sorted(predictors, key=int)]
 
@@ -425,7 +428,7 @@ def _is_magnet_checkpoint(path: str) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "magnet_whisper"
 
 
-def load_policy_model(cfg: Any) -> nn.Module:
+def load_policy_model(cfg: Any) -> MagnetWhisper:
     """The model GRPO starts from, frozen by :func:`freeze_for_grpo`.
 
     ``encoder.name`` is either a ``MagnetWhisper`` checkpoint (e.g. ``runs/magnet_demo/final``), loaded
@@ -507,6 +510,7 @@ class GRPOTrainer(MagnetTrainer):
                 "GRPO num_iterations > 1 recomputes log-probabilities outside the model's forward, which "
                 "DDP cannot synchronize; use num_iterations=1 with several processes"
             )
+        assert self.model is not None  # Trainer.__init__ builds it (model or model_init)
         policy_predictors(self.model)  # fails early on a model that is not a MagnetWhisper
         self._rollouts: dict[int, Rollout | None] = {}
         self._micro_step = 0

@@ -11,12 +11,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from omegaconf import OmegaConf
 
 from magnet_asr.data.manifest import Utterance, read_manifest
+
+if TYPE_CHECKING:
+    from magnet_asr.models import MagnetWhisper
 
 
 @dataclass
@@ -94,7 +97,7 @@ def encoder_settings(cfg: Any) -> dict[str, Any]:
     return settings
 
 
-def magnet_whisper_setup(cfg: Any, model: torch.nn.Module) -> ModelSetup:
+def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
     """Tokenizer, collator, recognizer and learning rates around a MagnetWhisper ``model``."""
     from transformers import AutoTokenizer
 
@@ -114,8 +117,13 @@ def magnet_whisper_setup(cfg: Any, model: torch.nn.Module) -> ModelSetup:
     rates = {}
     if cfg.training.predictor_learning_rate is not None:
         rates["predictors."] = cfg.training.predictor_learning_rate
+    # the trainer hands make_recognizer its (unwrapped) model, i.e. this MagnetWhisper
     return ModelSetup(
-        model, tokenizer, collator, lambda m: MagnetWhisperRecognizer(m, tokenizer, name=cfg.run_name), rates
+        model,
+        tokenizer,
+        collator,
+        lambda m: MagnetWhisperRecognizer(cast("MagnetWhisper", m), tokenizer, name=cfg.run_name),
+        rates,
     )
 
 

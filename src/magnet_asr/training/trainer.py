@@ -18,7 +18,7 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,6 +26,9 @@ from transformers import Trainer
 
 from magnet_asr.data.manifest import Utterance
 from magnet_asr.data.sampler import DurationBatchSampler
+
+if TYPE_CHECKING:
+    from magnet_asr.data.collator import SpeechDataset
 
 STAGING_PREFIX = ".tmp-checkpoint"
 
@@ -56,7 +59,7 @@ class MagnetTrainer(Trainer):
     def get_train_dataloader(self) -> DataLoader:
         if self.max_batch_seconds is None:
             return super().get_train_dataloader()
-        dataset = self.train_dataset
+        dataset = cast("SpeechDataset", self.train_dataset)  # a dataset with per-item ``durations``
         sampler = DurationBatchSampler(
             dataset.durations,
             self.max_batch_seconds,
@@ -76,6 +79,7 @@ class MagnetTrainer(Trainer):
         if self.optimizer is not None or not self.learning_rates:
             return super().create_optimizer()
         groups: dict[float, list[torch.nn.Parameter]] = defaultdict(list)
+        assert self.model is not None  # Trainer.__init__ builds it (model or model_init)
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
@@ -129,6 +133,7 @@ class MagnetTrainer(Trainer):
             logs.update(self._ratios())
             logs["skipped_samples"] = self.skipped_samples
             logs["skipped_batches"] = self.skipped_batches
+            assert self.model is not None  # Trainer.__init__ builds it (model or model_init)
             predictors = _predictors(self.model)
             if predictors:
                 logs["temperature"] = float(getattr(predictors[0], "temperature", math.nan))
