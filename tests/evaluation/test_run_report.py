@@ -183,3 +183,8 @@ def test_report_parser_registers_the_handler(fake_runs, tmp_path, capsys):
     assert "report.md" in capsys.readouterr().out
     assert (tmp_path / "r" / "figures" / "pareto.png").is_file()
     assert not list((tmp_path / "r" / "figures").glob("boundaries_*"))  # a control has no boundaries
+
+
+def test_figure_names_of_sweep_points_are_link_safe():
+    name = run_report._file_name("boundaries_magnet_demo boundaries_per_unit=1.0_u(1).png")
+    assert name == "boundaries_magnet_demo_boundaries_per_unit=1.0_u_1_.png"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,11 @@ def _results_rows(runs: Sequence[Run], references: Sequence[dict[str, Any]]) -> 
     rows = [table_row({**s, "model": run.name}) for run in runs for s in run.tests.values()]
     rows += [table_row({**ref, "model": f"{ref['model']} (zero-shot)"}) for ref in references]
     return rows
+
+
+def _file_name(name: str) -> str:
+    """``name`` with characters that break Markdown links or shells (spaces, brackets...) replaced by '_'."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
 
 
 def _md_image(out: Path, png: Path, alt: str) -> str:
@@ -259,7 +265,7 @@ def boundaries_section(out: Path, runs: Sequence[Run], data: str | Path, count: 
                 f" · compression {b.compression:.2f}x"
             )
             fig = boundary_figure(b.mel, b.ends, utt.text.split(), b.duration, b.frame_seconds, title)
-            png = save_figure(fig, out / FIGURES / f"boundaries_{run.name}_{utt.id}.png")
+            png = save_figure(fig, out / FIGURES / _file_name(f"boundaries_{run.name}_{utt.id}.png"))
             parts.append(_md_image(out, png, f"boundaries {run.name} {utt.id}") + "\n")
     if not parts:
         return ""
