@@ -48,7 +48,6 @@ Select it with ``training.grpo: true`` (fields ``training.grpo_*`` in :class:`~m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -421,48 +420,17 @@ def freeze_for_grpo(model: nn.Module, train_all: bool = False) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def _is_magnet_checkpoint(path: str) -> bool:
-    import json
-
-    config = Path(path) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "magnet_whisper"
-
-
 def load_policy_model(cfg: Any) -> MagnetWhisper:
-    """The model GRPO starts from, frozen by :func:`freeze_for_grpo`.
-
-    ``encoder.name`` is either a ``MagnetWhisper`` checkpoint (e.g. ``runs/magnet_demo/final``), loaded
-    with its trained predictors, which must agree with the ``compressor`` group (enabled, layers, target
-    kind; their other settings, e.g. the prior rate of a ``fixed`` target, come from the checkpoint);
-    or any Whisper checkpoint, which gets new predictors from the ``compressor`` group as in the
-    supervised recipe. ``encoder.freeze`` and ``encoder.gradient_checkpointing`` apply as there.
+    """The model GRPO starts from (:func:`~magnet_asr.training.recipe.build_magnet_whisper`: a
+    ``MagnetWhisper`` checkpoint with its trained predictors, or any Whisper checkpoint with new ones),
+    frozen by :func:`freeze_for_grpo`. ``encoder.freeze`` and ``encoder.gradient_checkpointing`` apply
+    as in the supervised recipe.
     """
-    from magnet_asr.models import MagnetWhisper
-    from magnet_asr.training.recipe import predictor_settings
-    from magnet_asr.weights import resolve_model
+    from magnet_asr.training.recipe import build_magnet_whisper
 
-    c = cfg.compressor
-    if not c.enabled:
+    if not cfg.compressor.enabled:
         raise ValueError("GRPO trains boundary predictors: set compressor.enabled (and its layers)")
-    path = resolve_model(cfg.encoder.name)
-    if _is_magnet_checkpoint(path):
-        model = MagnetWhisper.from_pretrained(path)
-        layers = list(model.config.predictor_layers)
-        targets = {p.config.target for p in policy_predictors(model)}
-        if list(c.layers) != layers or targets != {c.target}:
-            raise ValueError(
-                f"{cfg.encoder.name}: checkpoint has predictors at layers {layers} with targets "
-                f"{sorted(targets)}, the config asks for compressor.layers={list(c.layers)}, "
-                f"target={c.target!r}; make them agree"
-            )
-    else:
-        model = MagnetWhisper.from_whisper(
-            cfg.encoder.name,
-            position_encoding=cfg.encoder.position_encoding,
-            extra_conv_strides=list(cfg.encoder.extra_conv_strides),
-            predictor_layers=list(c.layers),
-            predictor_settings=predictor_settings(cfg),
-        )
+    model = build_magnet_whisper(cfg)
     freeze_for_grpo(model, train_all=cfg.training.grpo_train_all)
     if cfg.encoder.freeze:
         for name, param in model.model.encoder.named_parameters():

@@ -127,10 +127,42 @@ def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
     )
 
 
-def _setup_magnet_whisper(cfg: Any) -> ModelSetup:
-    from magnet_asr.models import MagnetWhisper
+def is_magnet_checkpoint(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "magnet_whisper"
 
-    model = MagnetWhisper.from_whisper(cfg.encoder.name, **encoder_settings(cfg))
+
+def build_magnet_whisper(cfg: Any) -> MagnetWhisper:
+    """The MagnetWhisper a run starts from.
+
+    ``encoder.name`` is either a ``MagnetWhisper`` checkpoint (e.g. ``runs/magnet_demo/final``: continue
+    training it), loaded with its trained predictors, which must agree with the ``compressor`` group
+    (layers, target kind; their other settings come from the checkpoint); or any Whisper checkpoint,
+    which gets new predictors from the ``compressor`` group.
+    """
+    from magnet_asr.models import MagnetWhisper
+    from magnet_asr.weights import resolve_model
+
+    path = resolve_model(cfg.encoder.name)
+    if not is_magnet_checkpoint(path):
+        return MagnetWhisper.from_whisper(cfg.encoder.name, **encoder_settings(cfg))
+    model = MagnetWhisper.from_pretrained(path)
+    c = cfg.compressor
+    layers = list(model.config.predictor_layers)
+    targets = {p.config.target for p in model.model.encoder.predictors.values()}
+    wanted_layers = list(c.layers) if c.enabled else []
+    wanted_targets = {c.target} if c.enabled else set()
+    if wanted_layers != layers or targets != wanted_targets:
+        raise ValueError(
+            f"{cfg.encoder.name}: checkpoint has predictors at layers {layers} with targets "
+            f"{sorted(targets)}, the config asks for compressor.layers={wanted_layers}, "
+            f"target={sorted(wanted_targets)}; make them agree"
+        )
+    return model
+
+
+def _setup_magnet_whisper(cfg: Any) -> ModelSetup:
+    model = build_magnet_whisper(cfg)
     if cfg.encoder.freeze:
         for name, param in model.model.encoder.named_parameters():
             param.requires_grad = "predictors." in name

@@ -1,0 +1,40 @@
+"""Supervised training can start from a MagnetWhisper checkpoint (e.g. after GRPO), predictors included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magnet_asr.models import MagnetWhisper, MagnetWhisperConfig
+from magnet_asr.schema import load_run_config
+from magnet_asr.training.recipe import build_magnet_whisper
+from tiny import TINY_WHISPER
+
+PHONEME = {"variant": "mlp", "prior": 0.3, "target": "phoneme", "loss": ["binomial"]}
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = MagnetWhisper(
+        MagnetWhisperConfig(**TINY_WHISPER, predictor_layers=[1], predictor_settings=PHONEME)
+    )
+    with torch.no_grad():
+        model.model.encoder.predictors["1"].mlp[-1].bias.fill_(1.25)
+    model.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_magnet_checkpoint_keeps_its_trained_predictors(checkpoint):
+    cfg = load_run_config(["+experiments=magnet_demo", f"encoder.name={checkpoint}"])
+    model = build_magnet_whisper(cfg)
+    assert model.model.encoder.predictors["1"].mlp[-1].bias.item() == 1.25
+
+
+@pytest.mark.parametrize(
+    "override", ["compressor.layers=[0]", "compressor=none", "compressor.target=syllable"]
+)
+def test_a_compressor_that_disagrees_with_the_checkpoint_is_a_clear_error(checkpoint, override):
+    cfg = load_run_config(["+experiments=magnet_demo", f"encoder.name={checkpoint}", override])
+    with pytest.raises(ValueError, match="make them agree"):
+        build_magnet_whisper(cfg)
