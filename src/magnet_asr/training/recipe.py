@@ -127,11 +127,6 @@ def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
     )
 
 
-def is_magnet_checkpoint(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "magnet_whisper"
-
-
 def build_magnet_whisper(cfg: Any) -> MagnetWhisper:
     """The MagnetWhisper a run starts from.
 
@@ -140,11 +135,12 @@ def build_magnet_whisper(cfg: Any) -> MagnetWhisper:
     (layers, target kind; their other settings come from the checkpoint); or any Whisper checkpoint,
     which gets new predictors from the ``compressor`` group.
     """
+    from magnet_asr.evaluation.decode import model_type_of
     from magnet_asr.models import MagnetWhisper
     from magnet_asr.weights import resolve_model
 
     path = resolve_model(cfg.encoder.name)
-    if not is_magnet_checkpoint(path):
+    if model_type_of(path) != "magnet_whisper":
         return MagnetWhisper.from_whisper(cfg.encoder.name, **encoder_settings(cfg))
     model = MagnetWhisper.from_pretrained(path)
     c = cfg.compressor
