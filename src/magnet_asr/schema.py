@@ -63,6 +63,12 @@ class ProjectorConfig:
     # SpeechLLM: memory for the outputs of a frozen encoder without predictors (the projector's inputs,
     # the same every epoch), cached by utterance; 0 disables
     encoder_cache_gb: float = 2.0
+    # auxiliary CTC loss of the audio tokens against the LLM's token embeddings (0 = off); it shortens
+    # the projector's alignment phase (models/projector.py, EmbeddingCTCHead)
+    ctc_loss_weight: float = 0.0
+    # steps of CTC alone (projector and predictors, no LLM forward) before the LLM trains; needs
+    # ctc_loss_weight > 0. Cheap: about 20x faster than a full step on CPU
+    ctc_warmup_steps: int = 0
 
 
 @dataclass

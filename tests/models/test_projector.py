@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magnet_asr.models.projector import AudioProjector, embedding_rms, stack_frames, stacked_lengths
+from magnet_asr.models.projector import (
+    AudioProjector,
+    EmbeddingCTCHead,
+    embedding_rms,
+    stack_frames,
+    stacked_lengths,
+)
 
 
 def test_stacked_lengths_round_up():
@@ -65,3 +71,49 @@ def test_gradients_reach_every_projector_parameter():
     out, mask = projector(torch.randn(2, 5, 4), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]))
     (out * torch.randn_like(out)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
+
+
+def test_ctc_head_loss_is_torch_ctc_on_cosine_logits_and_learns_to_decode():
+    torch.manual_seed(0)
+    table = torch.randn(12, 16)  # 12 "token embeddings"; the blank is class 12
+    head = EmbeddingCTCHead(16)
+    embeds = torch.randn(2, 7, 16, requires_grad=True)
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    targets = [[3, 3, 5], [7, 1]]
+    loss = head(embeds, mask, table, targets)
+    logits = head.logits(embeds, table)
+    assert logits.shape == (2, 7, 13) and logits.abs().max() <= head.log_scale.exp() + 1e-4
+    expected = torch.nn.functional.ctc_loss(
+        logits.log_softmax(-1).transpose(0, 1),
+        torch.tensor([3, 3, 5, 7, 1]),
+        torch.tensor([7, 5]),
+        torch.tensor([3, 2]),
+        blank=12,
+    )
+    torch.testing.assert_close(loss, expected)
+    optimizer = torch.optim.Adam([embeds, *head.parameters()], lr=0.1)
+    for _ in range(200):
+        optimizer.zero_grad()
+        head(embeds, mask, table, targets).backward()
+        optimizer.step()
+    assert head.greedy(embeds, mask, table) == targets  # repeats kept apart by a blank
+    assert table.grad is None  # the LLM's table is only read
+
+
+def test_ctc_head_ignores_impossible_samples_instead_of_returning_inf():
+    head = EmbeddingCTCHead(8)
+    loss = head(torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.long), torch.randn(5, 8), [[1, 2, 3, 4]])
+    assert torch.isfinite(loss) and loss.item() == 0.0
+
+
+def test_ctc_head_samples_negatives_but_keeps_every_target_class():
+    torch.manual_seed(0)
+    table = torch.randn(5000, 8)
+    head = EmbeddingCTCHead(8, negatives=16)
+    flat = torch.tensor([4000, 7, 4000, 123])
+    classes, renumbered = head._classes(table, flat)
+    assert len(classes) <= 4 + 16 and torch.equal(classes[renumbered], table[flat])
+    loss = head(torch.randn(1, 6, 8), torch.ones(1, 6, dtype=torch.long), table, [flat.tolist()])
+    assert torch.isfinite(loss) and loss.item() > 0
+    with pytest.raises(ValueError, match="negatives"):
+        EmbeddingCTCHead(8, negatives=-1)

@@ -363,3 +363,26 @@ def test_collator_and_recognizer(sources):
     assert [r.compressed_frames for r in results[:3]] == [9, 5, 6]
     alone = recognizer.transcribe([noise[1]])[0]
     assert alone.text == results[2].text
+
+
+def test_ctc_loss_is_added_with_its_weight_and_trains_only_the_projector(sources, tmp_path):
+    model = randomize(build(sources, ctc_loss_weight=0.5)).train()
+    feats, mask, _ = ragged()
+    responses = response_ids(model, ["a cat", "hello", "yes"])
+    out = model(feats, mask, labels=padded(responses))
+    assert out.ctc_loss is not None and float(out.ctc_loss) > 0
+    torch.testing.assert_close(out.loss, out.asr_loss + 0.5 * out.ctc_loss)
+    table = model.llm.get_input_embeddings().weight
+    audio = model.embed_audio(feats, mask)
+    alone = model.projector.ctc_head(audio.embeds, audio.mask, table, [r[:-1] for r in responses])
+    torch.testing.assert_close(out.ctc_loss, alone)  # the end-of-turn is not a CTC target
+    model.zero_grad()
+    out.ctc_loss.backward()
+    assert all(p.grad is not None for p in model.projector.ctc_head.parameters())
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("projector."))
+    model.save_pretrained(tmp_path)
+    loaded = SpeechLLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.projector.ctc_head.blank, model.projector.ctc_head.blank)
+    assert build(sources).projector.ctc_head is None
+    with pytest.raises(ValueError, match="ctc_loss_weight"):
+        build(sources, ctc_loss_weight=-1.0)

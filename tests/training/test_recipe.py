@@ -141,3 +141,52 @@ def test_two_process_cpu_ddp(
     if "wandb" in extra.get("training.report_to", ""):
         assert "logging offline" in log
         assert len(list((out_dir / "wandb").glob("offline-run-*"))) == 1  # rank 0 only
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random Llama with the bundled SmolLM2 tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from magnet_asr.weights import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_llm")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_speech_llm_run_warms_up_the_projector_once(
+    tmp_path, tiny_whisper_dir, tiny_llm_dir, speech_manifest, train_args, start_training
+):
+    out_dir = tmp_path / "speech_llm"
+    overrides = [
+        "+experiments=speech_llm_demo",
+        *train_args(tiny_whisper_dir, speech_manifest, out_dir, **{"training.max_steps": 2}),
+        f"llm.name={tiny_llm_dir}",
+        "projector.hidden_size=32",
+        "projector.ctc_warmup_steps=3",
+        "training.warmup_steps=0",
+    ]
+    log = finish(start_training(overrides))
+    assert "CTC warm-up: 3 steps" in log
+    results = json.loads((out_dir / "results.json").read_text())
+    warmup = results["before_training"]
+    assert warmup["ctc_warmup_steps"] == 3 and warmup["ctc_loss_last"] > 0
+    assert results["test"][str(speech_manifest)]["num_utterances"] == 2
+    # a resumed run continues from its checkpoint, whose projector already went through the warm-up
+    log = finish(start_training([*overrides, "training.max_steps=4", "training.resume_from_checkpoint=auto"]))
+    assert "CTC warm-up" not in log
+    assert (out_dir / "checkpoint-4").is_dir()

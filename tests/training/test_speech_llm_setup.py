@@ -53,7 +53,15 @@ def test_demo_configs_compose_to_speech_llm_runs():
 
 def test_setup_builds_the_configured_model(sources):
     cfg = _config(sources, "speech_llm_demo_compressed", "compressor.layers=[2]", "llm.num_beams=2")
-    model, tokenizer, collator, make_recognizer, rates = setup_speech_llm(cfg)
+    setup = setup_speech_llm(cfg)
+    model, tokenizer, collator, make_recognizer = (
+        setup.model,
+        setup.tokenizer,
+        setup.collator,
+        setup.make_recognizer,
+    )
+    rates = setup.learning_rates
+    assert setup.before_training is None  # no CTC warm-up configured
     assert model.config.projector_stack == 2 and model.config.predictor_layers == [2]
     assert model.config.decoding["num_beams"] == 2 and model.config.system_prompt == ""
     assert model.encoder.predictors["2"].config.target == "phoneme"
@@ -88,8 +96,13 @@ def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(sources, tmp_pat
     from magnet_asr.training.trainer import MagnetTrainer
 
     torch.manual_seed(0)
-    cfg = _config(sources, "speech_llm_demo")
-    model, tokenizer, collator, make_recognizer, rates = setup_speech_llm(cfg)
+    setup = setup_speech_llm(_config(sources, "speech_llm_demo"))
+    model, tokenizer, collator, make_recognizer = (
+        setup.model,
+        setup.tokenizer,
+        setup.collator,
+        setup.make_recognizer,
+    )
     utterances = _utterances(tmp_path, 4)
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
@@ -110,7 +123,7 @@ def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(sources, tmp_pat
         data_collator=collator,
         make_recognizer=make_recognizer,
         eval_utterances=utterances[:2],
-        learning_rates=rates,
+        learning_rates=setup.learning_rates,
     )
     projector_before = model.projector.linear_in.weight.detach().clone()
     trainer.train()
@@ -130,15 +143,14 @@ def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(sources, tmp_pat
 
 @pytest.mark.parametrize("mode", ["full", "frozen"])
 def test_llm_finetune_modes_from_config(sources, mode):
-    model, *_ = setup_speech_llm(_config(sources, "speech_llm_demo", f"llm.finetune={mode}"))
+    model = setup_speech_llm(_config(sources, "speech_llm_demo", f"llm.finetune={mode}")).model
     llm_trains = any(p.requires_grad for p in model.llm.parameters())
     assert llm_trains == (mode == "full")
 
 
 def test_gradient_checkpointing_keeps_gradients_flowing(sources):
-    model, _, collator, _, _ = setup_speech_llm(
-        _config(sources, "speech_llm_demo", "llm.gradient_checkpointing=true")
-    )
+    setup = setup_speech_llm(_config(sources, "speech_llm_demo", "llm.gradient_checkpointing=true"))
+    model, collator = setup.model, setup.collator
     assert model.llm.model.gradient_checkpointing
     batch = collator(
         [{"id": "a", "text": "a cat", "audio": np.full(6000, 0.1, np.float32) * np.sin(np.arange(6000))}]
@@ -146,3 +158,39 @@ def test_gradient_checkpointing_keeps_gradients_flowing(sources):
     batch.pop("num_skipped")
     model.train()(**batch).loss.backward()
     assert model.projector.linear_in.weight.grad.abs().sum() > 0
+
+
+def test_ctc_warmup_trains_the_projector_without_touching_the_llm(sources, tmp_path):
+    from types import SimpleNamespace
+
+    from magnet_asr.data.collator import SpeechDataset
+
+    torch.manual_seed(0)
+    cfg = _config(
+        sources,
+        "speech_llm_demo",
+        "projector.ctc_loss_weight=0.5",
+        "projector.ctc_warmup_steps=40",
+        "training.per_device_batch_size=2",
+        "training.projector_learning_rate=0.01",
+    )
+    setup = setup_speech_llm(cfg)
+    model = setup.model
+    llm_before = {n: p.detach().clone() for n, p in model.llm.named_parameters()}
+    projector_before = model.projector.linear_in.weight.detach().clone()
+    utterances = _utterances(tmp_path, 4)
+    stats = setup.before_training(SimpleNamespace(train_dataset=SpeechDataset(utterances)))
+    assert stats["ctc_warmup_steps"] == 40 and stats["skipped_batches"] == 0
+    assert stats["ctc_loss_last"] < 0.8 * stats["ctc_loss_first"]
+    assert not torch.equal(projector_before, model.projector.linear_in.weight)
+    assert all(torch.equal(p, llm_before[n]) for n, p in model.llm.named_parameters())
+    assert len(model.encoder_cache.entries) == 4  # later epochs read the frozen encoder's cache
+    batch = setup.collator([SpeechDataset(utterances)[0]])
+    batch.pop("num_skipped")
+    out = model(**batch)
+    torch.testing.assert_close(out.loss, out.asr_loss + 0.5 * out.ctc_loss)
+
+
+def test_ctc_warmup_without_a_ctc_head_is_a_config_error(sources):
+    with pytest.raises(ValueError, match="ctc_loss_weight"):
+        setup_speech_llm(_config(sources, "speech_llm_demo", "projector.ctc_warmup_steps=5"))

@@ -12,6 +12,14 @@ Two steps, as in SLAM-ASR (Ma et al., 2024) and Ultravox:
    one: without it the audio embeddings come out orders of magnitude smaller (or larger) than the
    LLM's token embeddings and the LLM treats them as noise (DESIGN.md). Its gain starts at the RMS of
    the LLM's token embeddings (:func:`embedding_rms`), so audio and text tokens start on one scale.
+
+Optionally, :class:`EmbeddingCTCHead` scores each audio token against the LLM's own (frozen) token
+embeddings and trains the projector with CTC on the transcript tokens. A new projector otherwise only
+learns from the LLM's loss, and with a frozen or LoRA LLM that alignment phase is long: SLAM-ASR reports
+thousands of steps before the loss drops, and on this CPU 600 steps left the LLM ignoring the audio
+(issue 5). CTC against the embedding table pulls each audio token toward the direction of the token
+spoken there, which the LLM can read from the first steps (the idea of LegoSLM, Ma et al., 2025, which
+feeds CTC posteriors over the LLM vocabulary; here the CTC loss is only an auxiliary training signal).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import cast
 import torch
 from torch import nn
 
-__all__ = ["AudioProjector", "embedding_rms", "stack_frames", "stacked_lengths"]
+__all__ = ["AudioProjector", "EmbeddingCTCHead", "embedding_rms", "stack_frames", "stacked_lengths"]
 
 
 def stacked_lengths(lengths: torch.Tensor, stack: int) -> torch.Tensor:
@@ -70,6 +78,7 @@ class AudioProjector(nn.Module):
         hidden_size: inner width of the MLP.
         dropout: dropout after the GELU (training only).
         output_scale: initial gain of the output RMSNorm; pass the RMS of the LLM's token embeddings.
+        ctc: add an :class:`EmbeddingCTCHead` (``self.ctc_head``) for the auxiliary CTC loss.
     """
 
     def __init__(
@@ -81,6 +90,7 @@ class AudioProjector(nn.Module):
         dropout: float = 0.0,
         output_scale: float = 1.0,
         eps: float = 1e-6,
+        ctc: bool = False,
     ) -> None:
         super().__init__()
         if stack < 1:
@@ -96,6 +106,7 @@ class AudioProjector(nn.Module):
         self.output_norm = nn.RMSNorm(output_size, eps=eps)
         with torch.no_grad():
             self.output_norm.weight.fill_(output_scale)
+        self.ctc_head = EmbeddingCTCHead(output_size) if ctc else None
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Audio tokens for ``lengths (B,)`` real encoder frames."""
@@ -110,3 +121,73 @@ class AudioProjector(nn.Module):
         x = self.activation(self.linear_in(self.input_norm(stacked)))
         x = self.output_norm(self.linear_out(self.dropout(x)))
         return x * stacked_mask[..., None].to(x.dtype), stacked_mask
+
+
+class EmbeddingCTCHead(nn.Module):
+    """CTC over the LLM vocabulary, scored by cosine similarity with the (frozen) token embeddings.
+
+    ``logits = scale * cos(audio token, token embedding)`` for every vocabulary entry, plus a learned
+    blank direction; ``scale`` is learned too (initialized as CLIP's temperature). Only the projector
+    (and these two parameters) receive gradients: the embedding table is detached.
+
+    Scoring all 49k SmolLM2 tokens for every audio token made a CPU step 2.5 s; with ``negatives``
+    the loss is computed over the batch's target tokens plus that many random other tokens (sampled
+    softmax, Jean et al., 2015), which still pushes each audio token away from the rest of the table.
+    """
+
+    def __init__(self, hidden_size: int, negatives: int | None = 1024, initial_scale: float = 10.0) -> None:
+        super().__init__()
+        if negatives is not None and negatives < 0:
+            raise ValueError(f"negatives must be >= 0 or None, got {negatives}")
+        self.negatives = negatives
+        self.blank = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(initial_scale)))
+
+    def logits(self, embeds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """``embeds (B, A, H)``, ``table (V, H)`` -> ``(B, A, V + 1)``; the blank is the last class."""
+        classes = torch.cat([table.detach().to(embeds.dtype), self.blank[None].to(embeds.dtype)])
+        cosine = nn.functional.normalize(embeds, dim=-1) @ nn.functional.normalize(classes, dim=-1).T
+        return cosine * self.log_scale.clamp(max=math.log(100.0)).exp()
+
+    def _classes(self, table: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of ``table`` to score and the targets renumbered into them."""
+        vocab = table.shape[0]
+        if self.negatives is None or len(flat) + self.negatives >= vocab:
+            return table, flat
+        extra = torch.randint(0, vocab, (self.negatives,), device=flat.device)
+        ids, inverse = torch.unique(torch.cat([flat, extra]), return_inverse=True)
+        return table[ids], inverse[: len(flat)]
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        table: torch.Tensor,
+        targets: list[list[int]],
+    ) -> torch.Tensor:
+        """Mean CTC loss (per target token) of audio tokens ``embeds (B, A, H)`` with ``mask (B, A)``
+        against the token ids ``targets``. Samples whose audio is too short for their targets add 0
+        (``zero_infinity``) instead of an infinite loss."""
+        flat = torch.tensor([t for row in targets for t in row], dtype=torch.long, device=embeds.device)
+        classes, flat = self._classes(table, flat)
+        log_probs = self.logits(embeds, classes).float().log_softmax(-1)
+        return nn.functional.ctc_loss(
+            log_probs.transpose(0, 1),
+            flat,
+            mask.sum(1),
+            torch.tensor([len(row) for row in targets], dtype=torch.long, device=embeds.device),
+            blank=classes.shape[0],
+            zero_infinity=True,
+        )
+
+    @torch.no_grad()
+    def greedy(self, embeds: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> list[list[int]]:
+        """Best-path CTC decoding over the whole table: token ids per sample (repeats merged, blanks
+        dropped)."""
+        best = self.logits(embeds, table).argmax(-1)
+        blank = table.shape[0]
+        out = []
+        for row, n in zip(best.tolist(), mask.sum(1).tolist(), strict=True):
+            ids = [t for i, t in enumerate(row[:n]) if t != blank and (i == 0 or t != row[i - 1])]
+            out.append(ids)
+        return out

@@ -59,6 +59,8 @@ class SpeechLLMConfig(PretrainedConfig):
     freeze_encoder: train only the predictors inside the encoder.
     llm_finetune: ``lora`` | ``full`` | ``frozen``; ``lora_*``: the peft ``LoraConfig``.
     projector_*: :class:`AudioProjector` settings (``projector_stack`` = k).
+    ctc_loss_weight: weight of the auxiliary CTC loss of the audio tokens against the LLM's token
+        embeddings (:class:`~magnet_asr.models.projector.EmbeddingCTCHead`); 0 = no CTC head.
     prompt: :meth:`ChatPrompt.to_dict` (the rendered template ids; training and inference share it).
     decoding: defaults of ``evaluation/speech_llm_decode.DecodeSettings`` (``num_beams``, token caps,
         ``repetition_penalty``, ``loop_guard``...). A dict: transformers reserves those names at top level.
@@ -82,6 +84,7 @@ class SpeechLLMConfig(PretrainedConfig):
         projector_hidden_size: int = 1024,
         projector_dropout: float = 0.0,
         boundary_loss_weight: float = 1.0,
+        ctc_loss_weight: float = 0.0,
         prompt: dict[str, Any] | None = None,
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = None,
@@ -103,6 +106,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.projector_hidden_size = int(projector_hidden_size)
         self.projector_dropout = float(projector_dropout)
         self.boundary_loss_weight = float(boundary_loss_weight)
+        self.ctc_loss_weight = float(ctc_loss_weight)
         self.prompt = dict(prompt) if prompt else None
         self.instruction, self.system_prompt = instruction, system_prompt
         self.decoding = dict(decoding or {})
@@ -111,6 +115,8 @@ class SpeechLLMConfig(PretrainedConfig):
             raise ValueError(f"llm_finetune: '{self.llm_finetune}' is not one of {FINETUNE_MODES}")
         if self.projector_stack < 1:
             raise ValueError(f"projector_stack must be >= 1, got {self.projector_stack}")
+        if self.ctc_loss_weight < 0:
+            raise ValueError(f"ctc_loss_weight must be >= 0, got {self.ctc_loss_weight}")
         from magnet_asr.evaluation.speech_llm_decode import DecodeSettings
 
         DecodeSettings.from_config(self)  # unknown or invalid decoding keys fail here, not at decode time
@@ -169,7 +175,8 @@ class LLMInputs:
 
 @dataclass
 class SpeechLLMOutput(ModelOutput):
-    """``loss`` = response cross-entropy (``asr_loss``) + ``boundary_loss_weight`` x ``boundary_loss``.
+    """``loss`` = response cross-entropy (``asr_loss``) + ``boundary_loss_weight`` x ``boundary_loss``
+    + ``ctc_loss_weight`` x ``ctc_loss``.
 
     ``logits``: ``(B, T, V)`` without labels; with labels only the last ``K`` positions that predict
     response tokens (the LM head on prompt positions is wasted work). ``frames_after`` = audio tokens
@@ -180,6 +187,7 @@ class SpeechLLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     asr_loss: torch.Tensor | None = None
     boundary_loss: torch.Tensor | None = None
+    ctc_loss: torch.Tensor | None = None
     frames_before: torch.Tensor | None = None
     frames_after: torch.Tensor | None = None
     boundary_outputs: tuple[Any, ...] | None = None
@@ -333,6 +341,7 @@ class SpeechLLM(PreTrainedModel):
             hidden_size=config.projector_hidden_size,
             dropout=config.projector_dropout,
             output_scale=_token_embedding_rms(self.llm),
+            ctc=config.ctc_loss_weight > 0,
         )
         self.prompt = ChatPrompt.from_dict(config.prompt)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.llm.forward).parameters
@@ -458,7 +467,8 @@ class SpeechLLM(PreTrainedModel):
         Prompts are right-padded, so each sample's logits are those it gets alone (eval mode).
         """
         audio = self.embed_audio(input_features, attention_mask, target_counts, cache_keys)
-        inputs = self.build_inputs(audio, _responses(labels) if labels is not None else None)
+        responses = _responses(labels) if labels is not None else None
+        inputs = self.build_inputs(audio, responses)
         extra = {}
         if inputs.labels is not None and self._keeps_logits:
             extra["logits_to_keep"] = _logits_window(inputs.labels)
@@ -466,20 +476,51 @@ class SpeechLLM(PreTrainedModel):
             inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=False, **extra
         )
         asr_loss = response_loss(out.logits, inputs.labels) if inputs.labels is not None else None
+        ctc_loss = self.ctc_loss(audio, responses) if responses is not None else None
         loss = asr_loss
-        if asr_loss is not None and audio.boundary_loss is not None:
-            loss = asr_loss + self.config.boundary_loss_weight * audio.boundary_loss
+        if loss is not None and audio.boundary_loss is not None:
+            loss = loss + self.config.boundary_loss_weight * audio.boundary_loss
+        if loss is not None and ctc_loss is not None:
+            loss = loss + self.config.ctc_loss_weight * ctc_loss
         return SpeechLLMOutput(
             loss=loss,
             logits=out.logits,
             asr_loss=asr_loss,
             boundary_loss=audio.boundary_loss,
+            ctc_loss=ctc_loss,
             frames_before=audio.frames_before,
             frames_after=audio.counts,
             boundary_outputs=audio.boundary_outputs,
             attention_mask=inputs.attention_mask,
             labels=inputs.labels,
         )
+
+    def alignment_loss(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        target_counts: torch.Tensor | None = None,
+        cache_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, AudioEmbeddings]:
+        """CTC (+ weighted boundary) loss of the audio tokens alone, without running the LLM: the
+        projector warm-up of ``training/speech_llm.ctc_warmup``. Arguments as in :meth:`forward`."""
+        audio = self.embed_audio(input_features, attention_mask, target_counts, cache_keys)
+        loss = self.ctc_loss(audio, _responses(labels))
+        if loss is None:
+            raise ValueError("alignment_loss needs a CTC head: set ctc_loss_weight > 0")
+        if audio.boundary_loss is not None:
+            loss = loss + self.config.boundary_loss_weight * audio.boundary_loss
+        return loss, audio
+
+    def ctc_loss(self, audio: AudioEmbeddings, responses: list[list[int]]) -> torch.Tensor | None:
+        """Auxiliary CTC loss of the audio tokens on the transcript tokens (responses without their
+        end-of-turn); None without a CTC head."""
+        head = self.projector.ctc_head
+        if head is None:
+            return None
+        table = cast(nn.Embedding, self.llm.get_input_embeddings()).weight
+        return head(audio.embeds, audio.mask, table, [row[:-1] for row in responses])
 
     @torch.no_grad()
     def generate(

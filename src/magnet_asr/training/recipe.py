@@ -82,6 +82,8 @@ class ModelSetup:
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
     make_recognizer: Callable[[torch.nn.Module], Any]
     learning_rates: dict[str, float] = field(default_factory=dict)
+    # runs once before a fresh (not resumed) training, with the built trainer; returns figures to report
+    before_training: Callable[[Any], dict[str, Any]] | None = None
 
 
 def encoder_settings(cfg: Any) -> dict[str, Any]:
@@ -175,8 +177,7 @@ def _setup_model(cfg: Any) -> ModelSetup:
     if cfg.model == "speech_llm":
         from magnet_asr.training.speech_llm import setup_speech_llm
 
-        model, tokenizer, collator, make_recognizer, rates = setup_speech_llm(cfg)
-        return ModelSetup(model, tokenizer, collator, make_recognizer, rates)
+        return setup_speech_llm(cfg)
     raise ValueError(f"model: '{cfg.model}' cannot be trained (choose magnet_whisper or speech_llm)")
 
 
@@ -287,7 +288,10 @@ def train(cfg: Any) -> dict[str, Any]:
         print(f"effective batch size: {effective} ({world} process(es))")
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    trainer.train(resume_from_checkpoint=_resume_path(cfg, output_dir))
+    resume = _resume_path(cfg, output_dir)
+    # a resumed run's checkpoint already holds what before_training produced
+    prepared = setup.before_training(trainer) if setup.before_training and not resume else None
+    trainer.train(resume_from_checkpoint=resume)
     final_dir = output_dir / "final"
     trainer.save_model(str(final_dir))
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
@@ -297,6 +301,8 @@ def train(cfg: Any) -> dict[str, Any]:
         return {}
     setup.tokenizer.save_pretrained(str(final_dir))
     results: dict[str, Any] = {"run_name": cfg.run_name, "model_dir": str(final_dir), "test": {}}
+    if prepared:
+        results["before_training"] = prepared
     recognizer = setup.make_recognizer(model)
     batch_size = cfg.training.per_device_batch_size
     for spec, utterances in data.test.items():

@@ -5,7 +5,8 @@
 - ``encoder``: the Whisper checkpoint, ``freeze`` (default for SpeechLLM runs: true);
 - ``compressor``: boundary predictors inside the encoder (learned compression, trained even when the
   encoder is frozen), settings shared with MagnetWhisper (:func:`~magnet_asr.training.recipe.predictor_settings`);
-- ``projector``: stacking ``k``, MLP width, dropout, encoder-output cache size;
+- ``projector``: stacking ``k``, MLP width, dropout, encoder-output cache size, and the auxiliary CTC
+  loss against the LLM's token embeddings with its warm-up (:func:`ctc_warmup`);
 - ``llm``: the causal LM, ``finetune`` (lora | full | frozen), LoRA settings, instruction, decoding;
 - ``training``: separate learning rates for the projector and the predictors (LoRA gets the base rate).
   SLAM-ASR trains a freshly initialized projector with a larger rate than adapters on a pretrained LLM.
@@ -13,14 +14,19 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
-from magnet_asr.data.llm_collator import SpeechLLMCollator
+import torch
+from tqdm.auto import tqdm
+
 from magnet_asr.evaluation.speech_llm_decode import SpeechLLMRecognizer
 from magnet_asr.models.speech_llm import SpeechLLM, build_speech_llm
+from magnet_asr.training.recipe import ModelSetup
 
-__all__ = ["learning_rates", "setup_speech_llm", "speech_llm_settings"]
+__all__ = ["ctc_warmup", "learning_rates", "setup_speech_llm", "speech_llm_settings"]
 
 
 def _decoding(cfg: Any) -> dict[str, Any]:
@@ -50,6 +56,7 @@ def speech_llm_settings(cfg: Any) -> dict[str, Any]:
         "projector_stack": projector.stack,
         "projector_hidden_size": projector.hidden_size,
         "projector_dropout": projector.dropout,
+        "ctc_loss_weight": projector.ctc_loss_weight,
         "encoder_cache_gb": projector.encoder_cache_gb,
         "instruction": llm.prompt,
         "system_prompt": llm.system_prompt,
@@ -67,14 +74,90 @@ def learning_rates(cfg: Any) -> dict[str, float]:
     return rates
 
 
-def setup_speech_llm(
-    cfg: Any,
-) -> tuple[SpeechLLM, Any, SpeechLLMCollator, Callable[[Any], SpeechLLMRecognizer], dict[str, float]]:
-    """``(model, tokenizer, collator, make_recognizer, learning_rates)`` for a ``speech_llm`` run.
+def ctc_warmup(
+    model: SpeechLLM,
+    dataset: Any,
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int = 0,
+    max_grad_norm: float = 1.0,
+) -> dict[str, Any]:
+    """Train the projector (and predictors) on the CTC loss alone before the LLM trains.
+
+    Why: a new projector learns only through the LLM otherwise, and with a frozen or LoRA LLM that
+    alignment phase is long (issue 5: 600 CPU steps left the loss at 3.6 and the LLM ignoring the
+    audio). Without the LLM's forward a step costs about 1/20 of a full one, and a few hundred of
+    them already make the audio tokens decodable by CTC alone (the closing note of issue 5 has the
+    figures). The frozen encoder's outputs come from the model's cache after the first epoch.
+
+    Bad batches (every sample unreadable, or a non-finite loss) are skipped and counted. Returns the
+    figures the run reports: steps, first and last mean loss, seconds, skipped batches.
+    """
+    from torch.utils.data import DataLoader
+
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("llm.")]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size, shuffle=True, collate_fn=collator, generator=generator)
+    device = next(model.parameters()).device
+    model.train()
+    losses: list[float] = []
+    skipped, done, start = 0, 0, time.perf_counter()
+    with tqdm(total=steps, desc="CTC warm-up (projector)") as progress:
+        while done < steps:
+            for batch in loader:
+                if done >= steps:
+                    break
+                done += 1
+                progress.update(1)
+                if "input_features" not in batch:
+                    skipped += 1
+                    continue
+                loss, _ = model.alignment_loss(
+                    batch["input_features"].to(device),
+                    batch["attention_mask"].to(device),
+                    batch["labels"].to(device),
+                    batch["target_counts"].to(device) if "target_counts" in batch else None,
+                    batch["cache_keys"],
+                )
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                progress.set_postfix(ctc_loss=f"{losses[-1]:.3f}")
+    window = max(1, min(50, len(losses) // 4))
+    stats = {
+        "ctc_warmup_steps": steps,
+        "ctc_loss_first": sum(losses[:window]) / window if losses else math.nan,
+        "ctc_loss_last": sum(losses[-window:]) / window if losses else math.nan,
+        "seconds": round(time.perf_counter() - start, 1),
+        "skipped_batches": skipped,
+    }
+    print(
+        f"CTC warm-up: {steps} steps in {stats['seconds']} s, "
+        f"CTC loss {stats['ctc_loss_first']:.3f} -> {stats['ctc_loss_last']:.3f}, {skipped} batch(es) skipped"
+    )
+    return stats
+
+
+def setup_speech_llm(cfg: Any) -> ModelSetup:
+    """The model, tokenizer, collator, recognizer factory and learning rates of a ``speech_llm`` run,
+    and the CTC warm-up (``projector.ctc_warmup_steps``) to run before training.
 
     The tokenizer carries the added ``<audio>`` token; save it beside the model (``from_pretrained`` of
     the recognizer falls back to the LLM's own tokenizer otherwise).
     """
+    from magnet_asr.data.llm_collator import SpeechLLMCollator
+
+    projector = cfg.projector
+    if projector.ctc_warmup_steps > 0 and projector.ctc_loss_weight <= 0:
+        raise ValueError("projector.ctc_warmup_steps needs the CTC head: set projector.ctc_loss_weight > 0")
     model, tokenizer = build_speech_llm(cfg.encoder.name, cfg.llm.name, **speech_llm_settings(cfg))
     if cfg.llm.gradient_checkpointing or cfg.encoder.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -90,4 +173,23 @@ def setup_speech_llm(
     def make_recognizer(trained: Any) -> SpeechLLMRecognizer:
         return SpeechLLMRecognizer(trained, tokenizer, name=cfg.run_name)
 
-    return model, tokenizer, collator, make_recognizer, learning_rates(cfg)
+    def warm_up(trainer: Any) -> dict[str, Any]:
+        t = cfg.training
+        return ctc_warmup(
+            model,
+            trainer.train_dataset,
+            collator,
+            steps=projector.ctc_warmup_steps,
+            batch_size=t.per_device_batch_size,
+            learning_rate=float(t.projector_learning_rate or t.learning_rate),
+            seed=t.seed,
+        )
+
+    return ModelSetup(
+        model,
+        tokenizer,
+        collator,
+        make_recognizer,
+        learning_rates(cfg),
+        before_training=warm_up if projector.ctc_warmup_steps > 0 else None,
+    )

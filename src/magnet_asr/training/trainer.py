@@ -111,7 +111,7 @@ class MagnetTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, outputs: Any) -> None:
-        for key in ("asr_loss", "boundary_loss"):
+        for key in ("asr_loss", "boundary_loss", "ctc_loss"):
             value = getattr(outputs, key, None)
             if value is not None:
                 self._window[key].append(float(value.detach()))
