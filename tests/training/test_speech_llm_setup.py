@@ -49,6 +49,9 @@ def test_demo_configs_compose_to_speech_llm_runs():
     assert compressed.compressor.enabled and compressed.compressor.target == "phoneme"
     # 50 frames/s -> ~11 phoneme segments/s -> stack 2: ~5.5 audio tokens/s against the baseline's 12.5/s
     assert compressed.projector.stack == 2 and 50 / base.projector.stack == 12.5
+    # both align the projector with CTC first, so the token savings are compared on equal terms
+    for run in (base, compressed):
+        assert run.projector.ctc_loss_weight > 0 and run.projector.ctc_warmup_steps == 1000
 
 
 def test_setup_builds_the_configured_model(sources):
@@ -193,4 +196,6 @@ def test_ctc_warmup_trains_the_projector_without_touching_the_llm(sources, tmp_p
 
 def test_ctc_warmup_without_a_ctc_head_is_a_config_error(sources):
     with pytest.raises(ValueError, match="ctc_loss_weight"):
-        setup_speech_llm(_config(sources, "speech_llm_demo", "projector.ctc_warmup_steps=5"))
+        setup_speech_llm(
+            _config(sources, "speech_llm_demo", "projector.ctc_loss_weight=0", "projector.ctc_warmup_steps=5")
+        )

@@ -93,7 +93,8 @@ def ctc_warmup(
     figures). The frozen encoder's outputs come from the model's cache after the first epoch.
 
     Bad batches (every sample unreadable, or a non-finite loss) are skipped and counted. Returns the
-    figures the run reports: steps, first and last mean loss, seconds, skipped batches.
+    figures the run reports: steps, first and last mean CTC loss (without the boundary loss that the
+    predictors also train on), seconds, skipped batches.
     """
     from torch.utils.data import DataLoader
 
@@ -115,7 +116,7 @@ def ctc_warmup(
                 if "input_features" not in batch:
                     skipped += 1
                     continue
-                loss, _ = model.alignment_loss(
+                loss, audio = model.alignment_loss(
                     batch["input_features"].to(device),
                     batch["attention_mask"].to(device),
                     batch["labels"].to(device),
@@ -129,7 +130,10 @@ def ctc_warmup(
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                ctc = loss.detach()
+                if audio.boundary_loss is not None:  # report the CTC part alone
+                    ctc = ctc - model.config.boundary_loss_weight * audio.boundary_loss.detach()
+                losses.append(float(ctc))
                 progress.set_postfix(ctc_loss=f"{losses[-1]:.3f}")
     window = max(1, min(50, len(losses) // 4))
     stats = {
