@@ -69,6 +69,9 @@ class ProjectorConfig:
     # steps of CTC alone (projector and predictors, no LLM forward) before the LLM trains; needs
     # ctc_loss_weight > 0. Cheap: about 20x faster than a full step on CPU
     ctc_warmup_steps: int = 0
+    # learned compression by the CTC head: the LLM reads only the audio tokens where CTC emits a token
+    # (blanks dropped, repeats merged), about the transcript's token rate; needs ctc_loss_weight > 0
+    ctc_compression: bool = False
 
 
 @dataclass

@@ -9,6 +9,7 @@ from magnet_asr.models.projector import (
     AudioProjector,
     EmbeddingCTCHead,
     embedding_rms,
+    merge_ctc_spikes,
     stack_frames,
     stacked_lengths,
 )
@@ -117,3 +118,19 @@ def test_ctc_head_samples_negatives_but_keeps_every_target_class():
     assert torch.isfinite(loss) and loss.item() > 0
     with pytest.raises(ValueError, match="negatives"):
         EmbeddingCTCHead(8, negatives=-1)
+
+
+def test_merge_ctc_spikes_drops_blanks_and_averages_repeats_per_sample():
+    blank = 9
+    embeds = torch.arange(2 * 6 * 2, dtype=torch.float32).reshape(2, 6, 2)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    labels = torch.tensor([[blank, 4, 4, blank, 4, 7], [blank, blank, blank, 3, 3, 3]])
+    merged, merged_mask = merge_ctc_spikes(embeds, mask, labels, blank)
+    # sample 0: "4 4" merge, the blank splits off a second 4, then 7; sample 1 emits nothing in its
+    # real frames (the 3s are padding) and keeps the mean of its audio
+    assert merged_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    torch.testing.assert_close(merged[0, 0], embeds[0, 1:3].mean(0))
+    torch.testing.assert_close(merged[0, 1:], embeds[0, 4:6])
+    torch.testing.assert_close(merged[1, 0], embeds[1, :3].mean(0))
+    alone, _ = merge_ctc_spikes(embeds[1:, :3], mask[1:, :3], labels[1:, :3], blank)
+    torch.testing.assert_close(alone[0], merged[1, :1])

@@ -370,7 +370,7 @@ def test_ctc_loss_is_added_with_its_weight_and_trains_only_the_projector(sources
     feats, mask, _ = ragged()
     responses = response_ids(model, ["a cat", "hello", "yes"])
     out = model(feats, mask, labels=padded(responses))
-    assert out.ctc_loss is not None and float(out.ctc_loss) > 0
+    assert out.ctc_loss is not None and out.ctc_loss.item() > 0
     torch.testing.assert_close(out.loss, out.asr_loss + 0.5 * out.ctc_loss)
     table = model.llm.get_input_embeddings().weight
     audio = model.embed_audio(feats, mask)
@@ -386,3 +386,29 @@ def test_ctc_loss_is_added_with_its_weight_and_trains_only_the_projector(sources
     assert build(sources).projector.ctc_head is None
     with pytest.raises(ValueError, match="ctc_loss_weight"):
         build(sources, ctc_loss_weight=-1.0)
+
+
+def test_ctc_compression_passes_the_llm_one_token_per_emitted_label(sources):
+    model = randomize(build(sources, ctc_loss_weight=1.0, ctc_compression=True))
+    feats, mask, singles = ragged()
+    audio = model.embed_audio(feats, mask)
+    table = model.llm.get_input_embeddings().weight
+    spikes = model.projector.ctc_head.greedy(audio.projected, audio.projected_mask, table)
+    assert audio.counts.tolist() == [max(len(s), 1) for s in spikes]
+    assert (audio.counts <= audio.projected_mask.sum(1)).all()
+    inputs = model.build_inputs(audio)
+    assert (inputs.audio_mask.sum(1) == audio.counts).all()
+    batched = model(feats, mask)
+    for i, single in enumerate(singles):  # compression is per sample: no batch or padding effect
+        alone = model(single)
+        n = alone.logits.shape[1]
+        torch.testing.assert_close(batched.logits[i, :n], alone.logits[0], atol=2e-5, rtol=1e-4)
+    # the CTC loss scores the projector outputs before compression
+    responses = response_ids(model, ["a cat", "hello", "yes"])
+    out = model(feats, mask, labels=padded(responses))
+    expected = model.projector.ctc_head(
+        audio.projected, audio.projected_mask, table, [r[:-1] for r in responses]
+    )
+    torch.testing.assert_close(out.ctc_loss, expected)
+    with pytest.raises(ValueError, match="ctc_compression"):
+        build(sources, ctc_compression=True)

@@ -20,6 +20,9 @@ thousands of steps before the loss drops, and on this CPU 600 steps left the LLM
 (issue 5). CTC against the embedding table pulls each audio token toward the direction of the token
 spoken there, which the LLM can read from the first steps (the idea of LegoSLM, Ma et al., 2025, which
 feeds CTC posteriors over the LLM vocabulary; here the CTC loss is only an auxiliary training signal).
+The same head can also compress: :func:`merge_ctc_spikes` keeps only the audio tokens where CTC emits a
+token (blanks dropped, repeats averaged), about as many as the transcript has tokens (the "CTC
+compression" of Gaido et al., 2021, and of the CTC-prompt decoders of Wu et al., 2023).
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from typing import cast
 import torch
 from torch import nn
 
-__all__ = ["AudioProjector", "EmbeddingCTCHead", "embedding_rms", "stack_frames", "stacked_lengths"]
+__all__ = [
+    "AudioProjector",
+    "EmbeddingCTCHead",
+    "merge_ctc_spikes",
+    "embedding_rms",
+    "stack_frames",
+    "stacked_lengths",
+]
 
 
 def stacked_lengths(lengths: torch.Tensor, stack: int) -> torch.Tensor:
@@ -191,3 +201,35 @@ class EmbeddingCTCHead(nn.Module):
             ids = [t for i, t in enumerate(row[:n]) if t != blank and (i == 0 or t != row[i - 1])]
             out.append(ids)
         return out
+
+
+def merge_ctc_spikes(
+    embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, blank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the audio tokens where CTC emits a token; consecutive tokens with the same label become one
+    (their mean), as CTC collapses repeats. ``embeds (B, A, H)``, ``mask (B, A)``, best-path ``labels
+    (B, A)`` -> ``(B, G, H)`` and mask ``(B, G)``. A sample where CTC emits nothing keeps one token, the
+    mean of its audio (a clip with real frames always reaches the LLM); one with no frames keeps none.
+    Each sample is reduced on its own, so the result does not depend on the batch.
+    """
+    rows: list[torch.Tensor] = []
+    for sample, length, best in zip(embeds, mask.sum(1).tolist(), labels, strict=True):
+        sample, best = sample[:length], best[:length]
+        kept = (best != blank).nonzero().squeeze(1)
+        if len(kept) == 0:
+            rows.append(sample.mean(0, keepdim=True) if length else sample)
+            continue
+        spikes = best[kept]
+        starts = torch.ones_like(spikes, dtype=torch.bool)
+        starts[1:] = (spikes[1:] != spikes[:-1]) | (kept[1:] != kept[:-1] + 1)
+        group = starts.long().cumsum(0) - 1
+        groups = int(group[-1]) + 1
+        sums = sample.new_zeros(groups, sample.shape[1]).index_add(0, group, sample[kept])
+        rows.append(sums / torch.bincount(group, minlength=groups)[:, None].to(sample.dtype))
+    width = max(1, max(len(r) for r in rows))
+    out = embeds.new_zeros(len(rows), width, embeds.shape[-1])
+    out_mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+        out_mask[i, : len(row)] = 1
+    return out, out_mask

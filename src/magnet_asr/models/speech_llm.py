@@ -35,7 +35,7 @@ from transformers.modeling_outputs import ModelOutput
 from magnet_asr.audio import FRAMES_PER_SECOND
 from magnet_asr.data.llm_collator import IGNORE_INDEX, ChatPrompt
 from magnet_asr.models.encoder import MagnetEncoderOutput, MagnetWhisperEncoder
-from magnet_asr.models.projector import AudioProjector, embedding_rms
+from magnet_asr.models.projector import AudioProjector, embedding_rms, merge_ctc_spikes
 
 __all__ = [
     "AudioEmbeddings",
@@ -61,6 +61,9 @@ class SpeechLLMConfig(PretrainedConfig):
     projector_*: :class:`AudioProjector` settings (``projector_stack`` = k).
     ctc_loss_weight: weight of the auxiliary CTC loss of the audio tokens against the LLM's token
         embeddings (:class:`~magnet_asr.models.projector.EmbeddingCTCHead`); 0 = no CTC head.
+    ctc_compression: pass the LLM only the audio tokens where that head emits a token
+        (:func:`~magnet_asr.models.projector.merge_ctc_spikes`): learned compression to about the
+        transcript's token rate.
     prompt: :meth:`ChatPrompt.to_dict` (the rendered template ids; training and inference share it).
     decoding: defaults of ``evaluation/speech_llm_decode.DecodeSettings`` (``num_beams``, token caps,
         ``repetition_penalty``, ``loop_guard``...). A dict: transformers reserves those names at top level.
@@ -85,6 +88,7 @@ class SpeechLLMConfig(PretrainedConfig):
         projector_dropout: float = 0.0,
         boundary_loss_weight: float = 1.0,
         ctc_loss_weight: float = 0.0,
+        ctc_compression: bool = False,
         prompt: dict[str, Any] | None = None,
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = None,
@@ -107,6 +111,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.projector_dropout = float(projector_dropout)
         self.boundary_loss_weight = float(boundary_loss_weight)
         self.ctc_loss_weight = float(ctc_loss_weight)
+        self.ctc_compression = bool(ctc_compression)
         self.prompt = dict(prompt) if prompt else None
         self.instruction, self.system_prompt = instruction, system_prompt
         self.decoding = dict(decoding or {})
@@ -117,6 +122,8 @@ class SpeechLLMConfig(PretrainedConfig):
             raise ValueError(f"projector_stack must be >= 1, got {self.projector_stack}")
         if self.ctc_loss_weight < 0:
             raise ValueError(f"ctc_loss_weight must be >= 0, got {self.ctc_loss_weight}")
+        if self.ctc_compression and self.ctc_loss_weight <= 0:
+            raise ValueError("ctc_compression needs the CTC head: set ctc_loss_weight > 0")
         from magnet_asr.evaluation.speech_llm_decode import DecodeSettings
 
         DecodeSettings.from_config(self)  # unknown or invalid decoding keys fail here, not at decode time
@@ -133,7 +140,9 @@ AutoConfig.register(SpeechLLMConfig.model_type, SpeechLLMConfig, exist_ok=True)
 @dataclass
 class AudioEmbeddings:
     """Projector outputs: ``embeds (B, A, H)``, ``mask (B, A)``; per sample ``frames_before (B,)``
-    encoder frames, ``seconds (B,)`` of audio, ``silent (B,)`` (no signal: decode to ``""``)."""
+    encoder frames, ``seconds (B,)`` of audio, ``silent (B,)`` (no signal: decode to ``""``).
+    ``projected`` / ``projected_mask``: the projector's outputs before CTC compression (what the CTC
+    loss scores); the same tensors as ``embeds`` / ``mask`` without it."""
 
     embeds: torch.Tensor
     mask: torch.Tensor
@@ -142,6 +151,8 @@ class AudioEmbeddings:
     silent: torch.Tensor
     boundary_loss: torch.Tensor | None = None
     boundary_outputs: tuple[Any, ...] | None = None
+    projected: torch.Tensor | None = None
+    projected_mask: torch.Tensor | None = None
 
     @property
     def counts(self) -> torch.Tensor:
@@ -408,11 +419,20 @@ class SpeechLLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         target_counts: torch.Tensor | None = None,
         cache_keys: list[str] | None = None,
+        compress: bool = True,
     ) -> AudioEmbeddings:
-        """``input_features (B, n_mels, T)``, mel ``attention_mask (B, T)`` -> :class:`AudioEmbeddings`."""
+        """``input_features (B, n_mels, T)``, mel ``attention_mask (B, T)`` -> :class:`AudioEmbeddings`;
+        ``compress=False`` skips CTC compression (the CTC loss alone needs only the projector outputs)."""
         enc = self._encode(input_features, attention_mask, target_counts, cache_keys)
         hidden = cast(torch.Tensor, enc.last_hidden_state)
-        embeds, mask = self.projector(hidden, enc.encoder_attention_mask)
+        projected, projected_mask = self.projector(hidden, enc.encoder_attention_mask)
+        embeds, mask = projected, projected_mask
+        head = self.projector.ctc_head
+        if self.config.ctc_compression and compress and head is not None:
+            table = cast(nn.Embedding, self.llm.get_input_embeddings()).weight
+            with torch.no_grad():
+                best = head.logits(projected, table).argmax(-1)
+            embeds, mask = merge_ctc_spikes(projected, projected_mask, best, blank=table.shape[0])
         batch, length = input_features.shape[0], input_features.shape[-1]
         mel_frames = (
             attention_mask.sum(1)
@@ -430,6 +450,8 @@ class SpeechLLM(PreTrainedModel):
             silent=_flat(input_features, attention_mask),
             boundary_loss=enc.boundary_loss,
             boundary_outputs=enc.boundary_outputs,
+            projected=projected,
+            projected_mask=projected_mask,
         )
 
     def build_inputs(
@@ -505,7 +527,7 @@ class SpeechLLM(PreTrainedModel):
     ) -> tuple[torch.Tensor, AudioEmbeddings]:
         """CTC (+ weighted boundary) loss of the audio tokens alone, without running the LLM: the
         projector warm-up of ``training/speech_llm.ctc_warmup``. Arguments as in :meth:`forward`."""
-        audio = self.embed_audio(input_features, attention_mask, target_counts, cache_keys)
+        audio = self.embed_audio(input_features, attention_mask, target_counts, cache_keys, compress=False)
         loss = self.ctc_loss(audio, _responses(labels))
         if loss is None:
             raise ValueError("alignment_loss needs a CTC head: set ctc_loss_weight > 0")
@@ -520,7 +542,9 @@ class SpeechLLM(PreTrainedModel):
         if head is None:
             return None
         table = cast(nn.Embedding, self.llm.get_input_embeddings()).weight
-        return head(audio.embeds, audio.mask, table, [row[:-1] for row in responses])
+        embeds = audio.projected if audio.projected is not None else audio.embeds
+        mask = audio.projected_mask if audio.projected_mask is not None else audio.mask
+        return head(embeds, mask, table, [row[:-1] for row in responses])
 
     @torch.no_grad()
     def generate(

@@ -57,6 +57,7 @@ def speech_llm_settings(cfg: Any) -> dict[str, Any]:
         "projector_hidden_size": projector.hidden_size,
         "projector_dropout": projector.dropout,
         "ctc_loss_weight": projector.ctc_loss_weight,
+        "ctc_compression": projector.ctc_compression,
         "encoder_cache_gb": projector.encoder_cache_gb,
         "instruction": llm.prompt,
         "system_prompt": llm.system_prompt,
