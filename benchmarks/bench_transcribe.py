@@ -9,8 +9,10 @@ Systems, each decoding the same utterances greedily, one system after another in
 - ``magnet control`` / ``magnet compressed`` / ``magnet compressed+grpo``: our MagnetWhisper runs
   ``magnet_demo_control``, ``magnet_demo`` and ``magnet_demo_grpo`` (variable-length input; the
   compressed ones pool at their predictor).
-- ``speech-llm stack4`` / ``speech-llm learned``: the SpeechLLM runs ``speech_llm_demo`` and
-  ``speech_llm_demo_compressed``.
+- ``speech-llm stack4`` / ``speech-llm learned`` / ``speech-llm ctc``: the SpeechLLM runs
+  ``speech_llm_demo`` (stacking only), ``speech_llm_demo_compressed`` (boundary predictor) and
+  ``speech_llm_demo_ctc`` (CTC compression); their goal is <= 6 audio tokens/s at no worse WER than
+  stacking.
 
 Same audio (the test splits, loaded once per worker before timing), same normalization (Whisper's
 English normalizer, ``magnet_asr.text``), same threads (``torch.set_num_threads`` and CTranslate2's
@@ -20,7 +22,7 @@ the split: RTFx = audio seconds / seconds of feature extraction + decoding (mode
 reading are not timed). Trained systems whose run directory is missing are listed as skipped.
 
 Usage: ``python benchmarks/bench_transcribe.py [--runs-dir runs] [--synth-limit 100] [--asterisk-limit N]
-[--threads 2] [--batch-size 1]``.
+[--systems "hf-generate,speech-llm stack4"] [--threads 2] [--batch-size 1]``.
 Writes ``benchmarks/results/bench_transcribe.json``.
 """
 
@@ -46,6 +48,7 @@ SYSTEMS: tuple[tuple[str, str, str | None], ...] = (
     ("magnet compressed+grpo", "ours", "magnet_demo_grpo"),
     ("speech-llm stack4", "ours", "speech_llm_demo"),
     ("speech-llm learned", "ours", "speech_llm_demo_compressed"),
+    ("speech-llm ctc", "ours", "speech_llm_demo_ctc"),
 )
 DATA = ("asterisk", "synth")  # test splits
 
@@ -159,6 +162,17 @@ def checks(rows: list[dict]) -> list[str]:
                 gap = round(comp["wer"] - control["wer"], 4)
                 verdict = "met" if gap <= 0.02 else f"short by {gap - 0.02:.4f}"
                 lines.append(f"{corpus}: {name} WER - control WER = {gap} (goal <= 0.02): {verdict}")
+        stacking = by.get("speech-llm stack4")
+        for name in (n for n in by if n.startswith("speech-llm") and n != "speech-llm stack4"):
+            row, rate = by[name], by[name]["frames_per_second"]
+            if rate is None:
+                continue
+            verdict = "met" if rate <= 6.0 else f"short by {rate - 6.0:.2f}/s"
+            lines.append(f"{corpus}: {name} audio tokens/s = {rate} (goal <= 6): {verdict}")
+            if stacking is not None:
+                gap = round(row["wer"] - stacking["wer"], 4)
+                verdict = "met" if gap <= 0 else f"short by {gap:.4f}"
+                lines.append(f"{corpus}: {name} WER - stack4 WER = {gap} (goal <= 0): {verdict}")
     return lines
 
 
@@ -188,6 +202,9 @@ def main() -> None:
         "--asterisk-limit", type=int, default=None, help="asterisk test utterances (default all)"
     )
     parser.add_argument("--grpo-run", default="magnet_demo_grpo", help="run directory of the GRPO model")
+    parser.add_argument(
+        "--systems", default=None, help="comma-separated system names to run (default: all of them)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS_DIR / "bench_transcribe.json"))
@@ -199,8 +216,12 @@ def main() -> None:
     script = str(Path(__file__).resolve())
     limits = {"asterisk": args.asterisk_limit, "synth": args.synth_limit}
     data = [(corpus, limits[corpus]) for corpus in DATA]
+    chosen = [n.strip() for n in args.systems.split(",")] if args.systems else [n for n, _, _ in SYSTEMS]
+    unknown = sorted(set(chosen) - {n for n, _, _ in SYSTEMS})
+    if unknown:
+        parser.error(f"--systems: unknown {unknown}; choose from {[n for n, _, _ in SYSTEMS]}")
     rows, skipped = [], []
-    for system, kind, run in SYSTEMS:
+    for system, kind, run in (entry for entry in SYSTEMS if entry[0] in chosen):
         run = args.grpo_run if run == "magnet_demo_grpo" else run
         path = str(Path(args.runs_dir) / run / "final") if run else None
         if path is not None and not (Path(path) / "config.json").is_file():
