@@ -36,8 +36,8 @@ from torch import nn
 __all__ = [
     "AudioProjector",
     "EmbeddingCTCHead",
-    "merge_ctc_spikes",
     "embedding_rms",
+    "merge_ctc_spikes",
     "stack_frames",
     "stacked_lengths",
 ]
