@@ -64,7 +64,7 @@ def test_setup_builds_the_configured_model(sources):
         setup.make_recognizer,
     )
     rates = setup.learning_rates
-    assert setup.before_training is None  # no CTC warm-up configured
+    assert setup.before_training is not None  # the CTC warm-up the demo experiments configure
     assert model.config.projector_stack == 2 and model.config.predictor_layers == [2]
     assert model.config.decoding["num_beams"] == 2 and model.config.system_prompt == ""
     assert model.encoder.predictors["2"].config.target == "phoneme"
