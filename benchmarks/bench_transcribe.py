@@ -216,10 +216,11 @@ def main() -> None:
     script = str(Path(__file__).resolve())
     limits = {"asterisk": args.asterisk_limit, "synth": args.synth_limit}
     data = [(corpus, limits[corpus]) for corpus in DATA]
-    chosen = [n.strip() for n in args.systems.split(",")] if args.systems else [n for n, _, _ in SYSTEMS]
-    unknown = sorted(set(chosen) - {n for n, _, _ in SYSTEMS})
+    names = [name for name, _, _ in SYSTEMS]
+    chosen = [n.strip() for n in args.systems.split(",")] if args.systems else names
+    unknown = sorted(set(chosen) - set(names))
     if unknown:
-        parser.error(f"--systems: unknown {unknown}; choose from {[n for n, _, _ in SYSTEMS]}")
+        parser.error(f"--systems: unknown {unknown}; choose from {names}")
     rows, skipped = [], []
     for system, kind, run in (entry for entry in SYSTEMS if entry[0] in chosen):
         run = args.grpo_run if run == "magnet_demo_grpo" else run

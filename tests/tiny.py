@@ -17,3 +17,14 @@ TINY_WHISPER = dict(
     eos_token_id=2,
     bos_token_id=1,
 )
+
+# LlamaConfig dimensions of the tiny random LLM (vocab_size comes from each test's tokenizer)
+TINY_LLAMA = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)

@@ -17,6 +17,7 @@ from transformers import (
 
 from magnet_asr.data.llm_collator import AUDIO_TOKEN, ChatPrompt, prepare_tokenizer
 from magnet_asr.models.speech_llm import SpeechLLM, build_speech_llm, read_weights
+from tiny import TINY_LLAMA
 from tiny import TINY_WHISPER as TINY
 
 TINY_WHISPER = {**TINY, "decoder_layers": 1}
@@ -68,18 +69,7 @@ def sources(tmp_path_factory):
     torch.manual_seed(0)
     WhisperForConditionalGeneration(WhisperConfig(**TINY_WHISPER)).save_pretrained(root / "whisper")
     tokenizer = tiny_tokenizer()
-    llm_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=3,
-        tie_word_embeddings=True,
-    )
+    llm_config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=3, **TINY_LLAMA)
     LlamaForCausalLM(llm_config).save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     return str(root / "whisper"), str(root / "llm")

@@ -145,25 +145,17 @@ def test_two_process_cpu_ddp(
 
 @pytest.fixture(scope="module")
 def tiny_llm_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide random Llama with the bundled SmolLM2 tokenizer and chat template."""
+    """The tiny random Llama (tests/tiny.py) with the bundled SmolLM2 tokenizer and chat template."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from magnet_asr.weights import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
+    from tiny import TINY_LLAMA
+
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_llm")
-    LlamaForCausalLM(config).save_pretrained(out)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY_LLAMA)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

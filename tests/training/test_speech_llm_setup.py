@@ -57,22 +57,16 @@ def test_demo_configs_compose_to_speech_llm_runs():
 def test_setup_builds_the_configured_model(sources):
     cfg = _config(sources, "speech_llm_demo_compressed", "compressor.layers=[2]", "llm.num_beams=2")
     setup = setup_speech_llm(cfg)
-    model, tokenizer, collator, make_recognizer = (
-        setup.model,
-        setup.tokenizer,
-        setup.collator,
-        setup.make_recognizer,
-    )
-    rates = setup.learning_rates
+    model, collator = setup.model, setup.collator
     assert setup.before_training is not None  # the CTC warm-up the demo experiments configure
     assert model.config.projector_stack == 2 and model.config.predictor_layers == [2]
     assert model.config.decoding["num_beams"] == 2 and model.config.system_prompt == ""
     assert model.encoder.predictors["2"].config.target == "phoneme"
     assert model.encoder.predictors["2"].config.train_sampling == "threshold"  # train rate = eval rate
-    assert rates == {"projector.": 1e-3, "predictors.": 1e-3}
+    assert setup.learning_rates == {"projector.": 1e-3, "predictors.": 1e-3}
     assert collator.n_mels == 8 and collator.num_predictors == 1 and collator.target == "phoneme"
-    assert tokenizer.decode(model.prompt.prefix_ids).startswith("<|im_start|> system <|im_end|>")
-    assert make_recognizer(model).name == "speech_llm_demo_compressed"
+    assert setup.tokenizer.decode(model.prompt.prefix_ids).startswith("<|im_start|> system <|im_end|>")
+    assert setup.make_recognizer(model).name == "speech_llm_demo_compressed"
     assert model.encoder_cache is None  # a predictor sits in the encoder
 
 
@@ -100,12 +94,7 @@ def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(sources, tmp_pat
 
     torch.manual_seed(0)
     setup = setup_speech_llm(_config(sources, "speech_llm_demo"))
-    model, tokenizer, collator, make_recognizer = (
-        setup.model,
-        setup.tokenizer,
-        setup.collator,
-        setup.make_recognizer,
-    )
+    model, tokenizer, make_recognizer = setup.model, setup.tokenizer, setup.make_recognizer
     utterances = _utterances(tmp_path, 4)
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
@@ -123,7 +112,7 @@ def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(sources, tmp_pat
         model=model,
         args=args,
         train_dataset=SpeechDataset(utterances),
-        data_collator=collator,
+        data_collator=setup.collator,
         make_recognizer=make_recognizer,
         eval_utterances=utterances[:2],
         learning_rates=setup.learning_rates,

@@ -191,10 +191,14 @@ class EmbeddingCTCHead(nn.Module):
         )
 
     @torch.no_grad()
+    def best_path(self, embeds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """The most likely class of each audio token over the whole table ``(B, A)``; blank = ``len(table)``."""
+        return self.logits(embeds, table).argmax(-1)
+
+    @torch.no_grad()
     def greedy(self, embeds: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> list[list[int]]:
-        """Best-path CTC decoding over the whole table: token ids per sample (repeats merged, blanks
-        dropped)."""
-        best = self.logits(embeds, table).argmax(-1)
+        """Best-path CTC decoding: token ids per sample (repeats merged, blanks dropped)."""
+        best = self.best_path(embeds, table)
         blank = table.shape[0]
         out = []
         for row, n in zip(best.tolist(), mask.sum(1).tolist(), strict=True):

@@ -429,9 +429,8 @@ class SpeechLLM(PreTrainedModel):
         embeds, mask = projected, projected_mask
         head = self.projector.ctc_head
         if self.config.ctc_compression and compress and head is not None:
-            table = cast(nn.Embedding, self.llm.get_input_embeddings()).weight
-            with torch.no_grad():
-                best = head.logits(projected, table).argmax(-1)
+            table = self._token_table()
+            best = head.best_path(projected, table)
             embeds, mask = merge_ctc_spikes(projected, projected_mask, best, blank=table.shape[0])
         batch, length = input_features.shape[0], input_features.shape[-1]
         mel_frames = (
@@ -535,13 +534,17 @@ class SpeechLLM(PreTrainedModel):
             loss = loss + self.config.boundary_loss_weight * audio.boundary_loss
         return loss, audio
 
+    def _token_table(self) -> torch.Tensor:
+        """The LLM's token embedding table ``(V, H)``: the classes of the CTC head."""
+        return cast(nn.Embedding, self.llm.get_input_embeddings()).weight
+
     def ctc_loss(self, audio: AudioEmbeddings, responses: list[list[int]]) -> torch.Tensor | None:
         """Auxiliary CTC loss of the audio tokens on the transcript tokens (responses without their
         end-of-turn); None without a CTC head."""
         head = self.projector.ctc_head
         if head is None:
             return None
-        table = cast(nn.Embedding, self.llm.get_input_embeddings()).weight
+        table = self._token_table()
         embeds = audio.projected if audio.projected is not None else audio.embeds
         mask = audio.projected_mask if audio.projected_mask is not None else audio.mask
         return head(embeds, mask, table, [row[:-1] for row in responses])
