@@ -7,7 +7,9 @@ import importlib.util
 import pytest
 
 from magnet_asr.text import (
+    LOOP_COMPRESSION_RATIO,
     cer,
+    compression_ratio,
     count_phonemes,
     count_syllables,
     normalize,
@@ -68,6 +70,17 @@ def test_cer_hand_cases():
     assert cer("abc", "abd") == pytest.approx(1 / 3)
     assert cer("hello world", "hello world") == 0.0
     assert cer("ab cd", "ab") == pytest.approx(3 / 5)  # the space counts
+
+
+def test_compression_ratio_flags_loops_like_whisper():
+    import zlib
+
+    sentence = "The quick brown fox jumps over the lazy dog."
+    assert compression_ratio(sentence) == len(sentence) / len(zlib.compress(sentence.encode()))
+    assert compression_ratio(sentence) < LOOP_COMPRESSION_RATIO  # ordinary text: about 0.8-1.5
+    assert compression_ratio(" ".join(["thank you"] * 20)) > LOOP_COMPRESSION_RATIO
+    assert compression_ratio("") == 0.0
+    assert compression_ratio("é") == 2 / len(zlib.compress("é".encode()))  # bytes, not characters
 
 
 def test_mismatched_lengths_raise():

@@ -32,15 +32,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from magnet_asr.evaluation.run import run_eval
+    from magnet_asr.evaluation.run import run_eval, summary_line
 
     summary = run_eval(
         args.model, args.data, split=args.split, batch_size=args.batch_size, limit=args.limit, out=args.out
     )
-    print(
-        f"{args.model} on {args.data}/{args.split}: WER {summary['wer']:.4f}  CER {summary['cer']:.4f}  "
-        f"RTFx {summary['rtfx']:.1f}  utterances {summary['num_utterances']}  skipped {summary['num_skipped']}"
-    )
+    print(summary_line({**summary, "model": args.model}))
     if args.out:
         print(f"wrote {args.out}")
     return 0

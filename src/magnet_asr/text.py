@@ -1,4 +1,4 @@
-"""Text for scoring and for boundary targets: normalization, WER / CER, phoneme and syllable counts.
+"""Text for scoring and for boundary targets: normalization, WER / CER, loop test, phoneme and syllable counts.
 
 Normalization is Whisper's English normalizer as transformers ships it
 (``transformers.models.whisper.english_normalizer.EnglishTextNormalizer``) with the British-to-American
@@ -136,6 +136,20 @@ def wer(references: Sequence[str] | str, hypotheses: Sequence[str] | str) -> flo
 def cer(references: Sequence[str] | str, hypotheses: Sequence[str] | str) -> float:
     """Corpus character error rate on :func:`normalize`-d text (spaces count as characters)."""
     return _error_rate(references, hypotheses, "char")
+
+
+# Whisper's own loop test (openai/whisper transcribe.py, compression_ratio_threshold): a hypothesis whose
+# UTF-8 bytes gzip better than this repeats itself.
+LOOP_COMPRESSION_RATIO = 2.4
+
+
+def compression_ratio(text: str) -> float:
+    """``len(b) / len(zlib.compress(b))`` of the UTF-8 bytes ``b`` of ``text``, as openai-whisper computes
+    it (raw text, not normalized); 0.0 for empty text. Above :data:`LOOP_COMPRESSION_RATIO`: a loop."""
+    import zlib
+
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data))
 
 
 # ----------------------------------------------------------------------------- numbers as words

@@ -122,6 +122,22 @@ def test_build_corpus_is_idempotent_and_rebuilds_on_new_options(tmp_path):
     assert len(list((out / "wav").glob("*.wav"))) == 3  # audio of the old build is gone
 
 
+@needs_fortunes
+@needs_engine
+def test_build_of_an_older_manifest_version_reruns_and_keeps_the_audio(tmp_path):
+    out = tmp_path / "s"
+    first = build_corpus("synth", out_dir=out, num_utterances=3)
+    info = json.loads((out / "build.json").read_text())
+    del info["manifest_version"]  # as written before phone times existed
+    (out / "build.json").write_text(json.dumps(info))
+    wavs = {p.name: p.stat().st_mtime_ns for p in (out / "wav").glob("*.wav")}
+    stamp = first.stat().st_mtime_ns
+    assert build_corpus("synth", out_dir=out) == first  # no options: the recorded ones, not the defaults
+    assert first.stat().st_mtime_ns != stamp and len(read_manifest(first)) == 3  # written again...
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "wav").glob("*.wav")} == wavs  # ...the audio was not
+    assert json.loads((out / "build.json").read_text())["manifest_version"] == synth.MANIFEST_VERSION
+
+
 def test_missing_engine_is_reported(monkeypatch, caplog):
     monkeypatch.setattr(synth.shutil, "which", lambda cmd: None if cmd == "flite" else f"/usr/bin/{cmd}")
     with caplog.at_level(logging.WARNING):
@@ -139,3 +155,75 @@ def test_only_available_engine_voices_are_planned(sentences):
     jobs = synth.plan(sentences, 30, ("flite",), seed=0)
     assert {j.voice.engine for j in jobs} == {"flite"}
     assert {j.voice.name for j in jobs if j.split == "test"} == {"slt"}
+
+
+needs_flite = pytest.mark.skipif(not shutil.which("flite"), reason="apt-get install flite")
+
+
+def test_parse_phone_ends_reads_flite_tokens():
+    phones, ends = synth.parse_phone_ends("pau:0.180 hh:0.241 ax:0.280 \n")
+    assert phones == ["pau", "hh", "ax"] and ends == [0.18, 0.241, 0.28]
+    with pytest.raises(ValueError, match="on u1: 'hh0.241'"):
+        synth.parse_phone_ends("pau:0.180 hh0.241", where="on u1")
+    with pytest.raises(ValueError, match="'ax:x'"):
+        synth.parse_phone_ends("ax:x")
+    with pytest.raises(ValueError, match="no phone timing"):
+        synth.parse_phone_ends("  \n")
+
+
+def test_check_phone_ends_needs_increasing_times_that_end_with_the_wav():
+    assert synth.check_phone_ends([0.1, 0.3, 1.0], 1.015) is None
+    assert "20 ms" in synth.check_phone_ends([0.1, 0.3, 1.0], 1.03)
+    assert "increasing" in synth.check_phone_ends([0.1, 0.1, 1.0], 1.0)
+    assert "increasing" in synth.check_phone_ends([], 1.0)
+
+
+@needs_flite
+def test_flite_phone_ends_agree_with_its_wav():
+    job = synth.SynthJob("u", "test", "Hello there, world.", synth.Voice("flite", "slt"), 1.1, 0.9)
+    audio, sr, (phones, ends) = synth._flite(job)
+    duration = len(audio) / sr
+    assert phones[0] == phones[-1] == "pau" and "hh" in phones and len(phones) == len(ends)
+    assert all(b > a for a, b in zip(ends, ends[1:])) and ends[0] > 0
+    assert ends[-1] == pytest.approx(duration, abs=0.02)
+    assert synth.check_phone_ends(ends, duration) is None
+
+
+@needs_flite
+def test_existing_flite_wav_is_kept_and_gets_phone_times(tmp_path):
+    job = synth.SynthJob("u", "test", "Good morning.", synth.Voice("flite", "awb"), 1.0, 1.0)
+    first, problem = synth._make(tmp_path, job)
+    wav = tmp_path / first.audio
+    assert problem is None and first.phone_ends and first.phones
+    before = (wav.read_bytes(), wav.stat().st_mtime_ns)
+    again, problem = synth._make(tmp_path, job)
+    assert (wav.read_bytes(), wav.stat().st_mtime_ns) == before  # timed, not rewritten
+    assert problem is None and again.phone_ends == first.phone_ends
+
+
+@needs_flite
+def test_flite_timing_that_misses_the_wav_end_is_dropped(tmp_path, monkeypatch):
+    job = synth.SynthJob("u", "test", "Good morning.", synth.Voice("flite", "awb"), 1.0, 1.0)
+    synth._make(tmp_path, job)
+    monkeypatch.setattr(synth, "_flite_timing", lambda job: (["pau", "g"], [0.1, 9.0]))
+    utt, problem = synth._make(tmp_path, job)
+    assert utt.phone_ends is None and utt.phones is None and "20 ms" in problem
+    stats = synth.phone_time_stats([job, job], [problem, None])
+    assert stats == {"test": {"with": 1, "without": 1, "reasons": {problem: 1}}}
+
+
+@needs_fortunes
+@needs_engine
+def test_tiny_build_records_phone_times_of_flite_utterances(tiny_build):
+    utts = read_manifest(tiny_build)
+    info = json.loads((tiny_build.parent / "build.json").read_text())
+    assert info["manifest_version"] == synth.MANIFEST_VERSION
+    flite = [u for u in utts if "_flite_" in u.id]
+    assert sum(
+        info["phone_ends"][s]["with"] + info["phone_ends"][s]["without"] for s in info["phone_ends"]
+    ) == len(flite)
+    for u in utts:
+        if u.phone_ends is not None:
+            assert "_flite_" in u.id and abs(u.phone_ends[-1] - u.duration) <= 0.02
+        elif "_espeak-ng_" in u.id:
+            assert u.phones is None

@@ -7,6 +7,7 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from magnet_asr.evaluation.plots import (
+    PHONE_GID,
     SEGMENT_GID,
     ParetoPoint,
     boundary_figure,
@@ -40,6 +41,25 @@ def test_boundary_figure_draws_one_line_per_segment_end_in_seconds(tmp_path):
     assert fig.axes[1].get_xlabel().startswith("time (s)")
     png = save_figure(fig, tmp_path / "sub" / "b.png")
     assert png.stat().st_size > 1000
+
+
+def test_boundary_figure_ticks_the_true_phone_ends_under_the_predicted_ones(tmp_path):
+    mel = np.zeros((8, 100), dtype=np.float32)
+    phones, phone_ends = ["pau", "hh", "ow", "pau", "pau"], [0.2, 0.35, 0.6, 0.8, 1.0]
+    fig = boundary_figure(
+        mel, [np.array([9, 29, 49])], ["oh"], 1.0, 0.02, phones=phones, phone_ends=phone_ends
+    )
+    assert len(fig.axes) == 3  # spectrogram, phones, words
+    spectrogram, phone_ax, word_ax = fig.axes
+    ticks = [line for line in phone_ax.lines if line.get_gid() == PHONE_GID]
+    # every phone end but the last, and none between the two trailing pau
+    assert sorted(line.get_xdata()[0] for line in ticks) == pytest.approx([0.2, 0.35, 0.6])
+    assert [t.get_text() for t in phone_ax.texts] == phones
+    assert phone_ax.texts[1].get_position()[0] == pytest.approx(0.275)  # centred in its phone
+    assert len(_segment_lines(fig)) == 3 and not [ln for ln in spectrogram.lines if ln.get_gid() == PHONE_GID]
+    assert word_ax.get_xlabel().startswith("time (s)")
+    assert save_figure(fig, tmp_path / "b.png").stat().st_size > 1000
+    assert len(boundary_figure(mel, [np.array([49])], ["oh"], 1.0, 0.02).axes) == 2  # no phone times
 
 
 def test_pareto_figure_labels_every_point_and_draws_the_front(tmp_path):

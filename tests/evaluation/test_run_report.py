@@ -83,6 +83,8 @@ def _write_corpus(root: Path) -> Path:
                 "split": "test",
             }
         )
+    # the shorter clip has true phone times (as flite rows do): it is picked first
+    rows[0] |= {"phones": ["pau", "w", "ah", "n", "pau"], "phone_ends": [0.1, 0.2, 0.3, 0.4, 0.5]}
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
@@ -130,6 +132,43 @@ def test_utterance_boundaries_match_the_encoder_and_the_figure(fake_runs):
     assert b.compression == pytest.approx(35 / b.segments)
 
 
+def test_examples_with_phone_times_come_first_and_reach_the_figure(fake_runs):
+    examples = run_report.pick_examples(fake_runs["manifest"], 2)
+    assert [u.id for u in examples] == ["u0", "u1"]  # u0 is shorter but has phone times
+    model = run_report.load_encoder_model(fake_runs["root"] / "compressed" / "final")
+    b = run_report.utterance_boundaries(model, examples[0].audio, examples[0])
+    assert b.phone_ends == [0.1, 0.2, 0.3, 0.4, 0.5] and b.phones[1] == "w"
+    assert run_report.utterance_boundaries(model, examples[1].audio, examples[1]).phones is None
+
+
+def _image_links(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+def test_every_image_link_points_to_a_written_figure(fake_runs, tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root / "short", 4.0, [1])
+    for events in (root / "short" / "logs").glob("events.*"):
+        events.unlink()
+    writer = SummaryWriter(str(root / "short" / "logs"))
+    writer.add_scalar("train/loss", 1.0, 1)  # one point per series: no curve to draw
+    writer.close()
+    _write_run(root / "bare", 1.0, [])
+    for events in (root / "bare" / "logs").glob("events.*"):
+        events.unlink()  # a run without logs
+    out = tmp_path / "report"
+    stale = out / "figures" / "training_curves.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")  # left by an earlier build
+    md = run_report.build_report(
+        [root / "short", root / "bare"], out, data=fake_runs["manifest"], benchmarks_dir=None
+    )
+    links = _image_links(md.read_text())
+    assert links and "figures/training_curves.png" not in links and not stale.exists()
+    for link in links:
+        assert (out / link).is_file() and (out / link).stat().st_size > 1000, link
+
+
 def test_build_report_writes_markdown_and_pngs(fake_runs, tmp_path):
     root = fake_runs["root"]
     out = tmp_path / "report"
@@ -141,7 +180,7 @@ def test_build_report_writes_markdown_and_pngs(fake_runs, tmp_path):
     )
     text = md.read_text()
     assert md == out / "report.md"
-    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    images = _image_links(text)
     assert "figures/pareto.png" in images and "figures/training_curves.png" in images
     boundary_pngs = [i for i in images if i.startswith("figures/boundaries_")]
     assert sorted(boundary_pngs) == [

@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,11 @@ def corpus_names() -> list[str]:
     return list(BUILDERS)
 
 
+def _manifest_version(builder: Callable[..., Path]) -> int:
+    """``MANIFEST_VERSION`` of the builder's module (1 when it declares none)."""
+    return int(getattr(sys.modules[builder.__module__], "MANIFEST_VERSION", 1))
+
+
 def _same_build(out_dir: Path, name: str, options: dict[str, Any]) -> bool:
     """True when ``out_dir`` holds a build of ``name`` with every option given here (others: anything goes)."""
     info = read_build_info(out_dir) or {}
@@ -70,13 +76,23 @@ def build_corpus(name: str, /, out_dir: Path | None = None, force: bool = False,
 
     Idempotent: a finished build whose recorded options agree with those given is returned as is
     (``force=True`` rebuilds). Options are the builder's keyword arguments, e.g. ``num_utterances`` for synth.
+    A builder whose module declares a ``MANIFEST_VERSION`` above the one its ``build.json`` records (a new
+    manifest field) runs again with the recorded options, so the existing audio is reused as it is.
     """
     folder_name = options.pop("name", None) or name  # `data manifest SRC --name NAME` -> data_dir()/NAME
     builder = _builder(name, options)
     out_dir = Path(out_dir) if out_dir is not None else data_dir() / folder_name
     manifest = out_dir / MANIFEST_NAME
     if manifest.is_file() and not force and _same_build(out_dir, name, options):
-        return manifest
+        info = read_build_info(out_dir) or {}
+        if int(info.get("manifest_version", 1)) >= _manifest_version(builder):
+            return manifest
+        # an older manifest of the same build: rerun with the recorded options (builder defaults could
+        # differ from them, and other options would make prepare_build delete the audio)
+        params = inspect.signature(builder).parameters
+        recorded = {k: v for k, v in info.get("options", {}).items() if k in params and k != "out_dir"}
+        options = recorded | options
+        logger.info("corpus %s in %s: manifest version outdated, adding the new fields", name, out_dir)
     if force:
         manifest.unlink(missing_ok=True)
         if (read_build_info(out_dir) or {}).get("corpus") == name:  # never delete a folder we did not build

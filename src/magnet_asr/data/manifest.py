@@ -2,6 +2,11 @@
 
 One JSON object per line: ``id``, ``audio`` (path, absolute or relative to the manifest),
 ``text``, ``duration`` (seconds) and ``split`` (``train`` / ``validation`` / ``test``).
+
+Optional: ``phones`` (labels, ``pau`` for silence) and ``phone_ends`` (the end time of each phone in
+seconds, increasing, same length), the synthesizer's own timing of what it spoke (flite, see
+:mod:`magnet_asr.data.synth`). Rows without them are written without these keys, so manifests of
+corpora that have no phone times stay byte-identical to what they were before the fields existed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 SPLITS = ("train", "validation", "test")
 
@@ -27,6 +33,41 @@ class Utterance:
     text: str
     duration: float
     split: str = "train"
+    phones: list[str] | None = None  # phone labels ("pau" = silence); None when unknown
+    phone_ends: list[float] | None = None  # seconds, increasing, one per phone; None when unknown
+
+    def to_row(self) -> dict[str, Any]:
+        """The manifest row: every field, except ``phones`` / ``phone_ends`` when they are None."""
+        row = asdict(self)
+        for key in OPTIONAL_FIELDS:
+            if row[key] is None:
+                del row[key]
+        return row
+
+
+OPTIONAL_FIELDS = ("phones", "phone_ends")
+
+
+def _phone_fields(row: dict[str, Any], where: str) -> tuple[list[str] | None, list[float] | None]:
+    """``phones`` and ``phone_ends`` of a manifest row, checked: both or neither, same length, increasing."""
+    phones, ends = row.get("phones"), row.get("phone_ends")
+    if phones is None and ends is None:
+        return None, None
+    if phones is None or ends is None:
+        given, absent = ("phones", "phone_ends") if ends is None else ("phone_ends", "phones")
+        raise ManifestError(f"{where}: field {given} without {absent}")
+    if not isinstance(phones, list) or not all(isinstance(p, str) for p in phones):
+        raise ManifestError(f"{where}: field phones must be a list of strings")
+    if not isinstance(ends, list) or not all(isinstance(t, int | float) for t in ends):
+        raise ManifestError(f"{where}: field phone_ends must be a list of numbers")
+    if len(phones) != len(ends):
+        raise ManifestError(
+            f"{where}: fields phones ({len(phones)}) and phone_ends ({len(ends)}) differ in length"
+        )
+    values = [float(t) for t in ends]
+    if any(b <= a for a, b in zip(values, values[1:])) or (values and values[0] <= 0):
+        raise ManifestError(f"{where}: field phone_ends must be positive and increasing")
+    return list(phones), values
 
 
 def read_manifest(path: str | Path, split: str | None = None) -> list[Utterance]:
@@ -57,6 +98,7 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Utterance]
                 duration=float(row.get("duration", 0.0)),
                 split=str(row.get("split", "train")),
             )
+            utt.phones, utt.phone_ends = _phone_fields(row, f"{path}:{lineno}")
             if split is None or utt.split == split:
                 out.append(utt)
     return out
@@ -70,7 +112,7 @@ def write_manifest(utterances: Iterable[Utterance], path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for utt in utterances:
-                f.write(json.dumps(asdict(utt), ensure_ascii=False) + "\n")
+                f.write(json.dumps(utt.to_row(), ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,6 +12,13 @@ gets a random speaking rate (0.8-1.25x) and pitch (0.8-1.25x). Audio is resample
 
 Output (``data_dir()/synth`` by default): ``wav/<id>.wav``, ``manifest.jsonl`` and ``details.jsonl``
 (engine, voice, rate and pitch of each id). Ids read ``<split>-<index>_<engine>_<voice>``.
+
+Phone times: flite utterances carry ``phones`` and ``phone_ends`` in the manifest, flite's own timing
+of what it synthesized (``flite -psdur``, same voice and settings as the audio), the ground truth the
+boundary scores compare predicted segment ends with (:mod:`magnet_asr.evaluation.boundaries`). They are
+kept only when the last phone ends within :data:`PHONE_END_TOLERANCE` of the wav's end; espeak-ng
+utterances have none. ``build.json`` records per split how many flite utterances got them and why the
+others did not (``phone_ends``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +60,12 @@ ESPEAK_VARIANTS = {
 FLITE_VOICES = {"train": ("kal16", "awb", "rms"), "test": ("slt",)}
 # Mean F0 (Hz) of each flite voice, measured here, so a pitch factor can be turned into a target.
 FLITE_F0 = {"kal16": 95.0, "awb": 125.0, "rms": 100.0, "slt": 165.0}
+# Phone times are kept when flite's last phone end and the wav's duration differ by at most this (s):
+# one encoder frame (50 frames/s), the tolerance the boundary scores use.
+PHONE_END_TOLERANCE = 0.02
+# Version of what a manifest row holds; build_corpus rebuilds a finished corpus whose build.json records
+# an older one (2: flite phone times). A rebuild with unchanged options keeps and reuses every wav.
+MANIFEST_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -159,38 +173,140 @@ def _espeak(job: SynthJob) -> tuple[np.ndarray, int]:
     return audio, sr
 
 
-def _flite(job: SynthJob) -> tuple[np.ndarray, int]:
+def parse_phone_ends(output: str, where: str = "flite -psdur") -> tuple[list[str], list[float]]:
+    """Phone labels and end times (s) from ``flite -psdur`` output: whitespace-separated ``phone:end``.
+
+    ``"pau:0.180 hh:0.241 ax:0.280"`` -> ``(["pau", "hh", "ax"], [0.18, 0.241, 0.28])``. The times are
+    returned as printed (not checked for order; see :func:`check_phone_ends`). A token that is not
+    ``label:number`` raises ``ValueError`` naming ``where`` and the token.
+    """
+    phones: list[str] = []
+    ends: list[float] = []
+    for token in output.split():
+        label, sep, end = token.rpartition(":")
+        try:
+            value = float(end)
+        except ValueError:
+            value = float("nan")
+        if not sep or not label or value != value:  # value != value: NaN, i.e. not a number
+            raise ValueError(f"{where}: {token!r} is not a phone:end_seconds token")
+        phones.append(label)
+        ends.append(value)
+    if not phones:
+        raise ValueError(f"{where}: no phone timing in the output")
+    return phones, ends
+
+
+def check_phone_ends(
+    ends: list[float], duration: float, tolerance: float = PHONE_END_TOLERANCE
+) -> str | None:
+    """Why the phone ends do not fit a wav of ``duration`` s, or None when they do.
+
+    They fit when they are positive and strictly increasing and the last one lies within ``tolerance``
+    of ``duration``.
+    """
+    if not ends or ends[0] <= 0 or any(b <= a for a, b in zip(ends, ends[1:])):
+        return "phone ends not increasing"
+    if abs(ends[-1] - duration) > tolerance:
+        return f"last phone end more than {tolerance * 1000:.0f} ms from the wav's end"
+    return None
+
+
+def _flite_cmd(job: SynthJob, out: Path) -> list[str]:
+    """flite with the job's voice, rate and pitch, printing phone end times (``-psdur``) to stdout.
+
+    ``-psdur`` only prints: the wav it writes is byte-identical to the one written without it (checked
+    with ``cmp`` for kal16, awb, rms and slt with rate and pitch set; and 16 corpus wavs, 4 per voice,
+    built without ``-psdur``, came out byte-identical through :func:`write_wav`), so audio and timings
+    come from one run, and an existing corpus wav can be timed by a second run whose audio is dropped.
+    """
+    f0 = FLITE_F0.get(job.voice.name, 110.0) * job.pitch
+    cmd = [FLITE, "-voice", job.voice.name, "--setf", f"duration_stretch={1 / job.rate:.3f}"]
+    return cmd + ["--setf", f"int_f0_target_mean={f0:.1f}", "-psdur", "-t", job.text, "-o", str(out)]
+
+
+def _flite(job: SynthJob) -> tuple[np.ndarray, int, tuple[list[str], list[float]]]:
+    """Audio, sample rate and ``(phones, phone_ends)`` of one flite job."""
     import soundfile as sf
 
-    f0 = FLITE_F0.get(job.voice.name, 110.0) * job.pitch
     with tempfile.TemporaryDirectory(prefix="magnet-flite-") as tmp:
         out = Path(tmp) / "out.wav"
-        cmd = [FLITE, "-voice", job.voice.name, "--setf", f"duration_stretch={1 / job.rate:.3f}"]
-        cmd += ["--setf", f"int_f0_target_mean={f0:.1f}", "-t", job.text, "-o", str(out)]
-        _run(cmd, job)
+        printed = _run(_flite_cmd(job, out), job)
         audio, sr = sf.read(str(out), dtype="float32")
-    return audio, sr
+    try:
+        timing = parse_phone_ends(
+            printed.decode("utf-8", errors="replace"), where=f"flite -psdur on {job.id}"
+        )
+    except ValueError as e:
+        raise CorpusError(str(e)) from None
+    return audio, sr, timing
+
+
+def _flite_timing(job: SynthJob) -> tuple[list[str], list[float]]:
+    """Phone labels and ends of a flite job, without keeping its audio (the corpus wav already exists)."""
+    return _flite(job)[2]
 
 
 def synthesize(job: SynthJob) -> tuple[np.ndarray, int]:
     """Waveform and sample rate of one job, from its engine."""
-    audio, sr = _espeak(job) if job.voice.engine == ESPEAK else _flite(job)
+    return _synthesize(job)[:2]
+
+
+def _synthesize(job: SynthJob) -> tuple[np.ndarray, int, tuple[list[str], list[float]] | None]:
+    """Waveform, sample rate and (flite only) the phone timing of one job."""
+    timing = None
+    if job.voice.engine == ESPEAK:
+        audio, sr = _espeak(job)
+    else:
+        audio, sr, timing = _flite(job)
     if audio.ndim > 1:
         audio = audio.mean(axis=1)
     if audio.size == 0 or float(np.abs(audio).max()) == 0.0:
         raise CorpusError(f"{job.voice.engine} produced no audio for {job.id} ({job.text!r})")
-    return audio, sr
+    return audio, sr, timing
 
 
-def _make(out_dir: Path, job: SynthJob) -> Utterance:
+def _make(out_dir: Path, job: SynthJob) -> tuple[Utterance, str | None]:
+    """The job's utterance, and for a flite job without phone times the reason it has none.
+
+    An existing wav is kept as it is (files are written atomically, and runs may be training on them):
+    a flite job then runs flite once more only for the timing, whose audio is thrown away.
+    """
     from magnet_asr.data.common import audio_duration, write_wav
 
     relpath = f"wav/{job.id}.wav"
     path = out_dir / relpath
-    duration = audio_duration(path) if path.exists() else None  # files are written atomically: reuse them
+    duration = audio_duration(path) if path.exists() else None
+    timing = None
     if duration is None:
-        duration = write_wav(path, *synthesize(job))
-    return Utterance(id=job.id, audio=relpath, text=job.text, duration=round(duration, 3), split=job.split)
+        audio, sr, timing = _synthesize(job)
+        duration = write_wav(path, audio, sr)
+    elif job.voice.engine == FLITE:
+        timing = _flite_timing(job)
+    utt = Utterance(id=job.id, audio=relpath, text=job.text, duration=round(duration, 3), split=job.split)
+    if timing is None:
+        return utt, None
+    phones, ends = timing
+    problem = check_phone_ends(ends, duration)
+    if problem is None:
+        utt.phones, utt.phone_ends = phones, ends
+    return utt, problem
+
+
+def phone_time_stats(jobs: list[SynthJob], problems: list[str | None]) -> dict[str, dict[str, Any]]:
+    """Per split: flite utterances with phone times, without, and the reasons (``jobs`` and ``problems``
+    in the same order, as :func:`_make` returns them)."""
+    stats: dict[str, dict[str, Any]] = {}
+    for job, problem in zip(jobs, problems):
+        if job.voice.engine != FLITE:
+            continue
+        entry = stats.setdefault(job.split, {"with": 0, "without": 0, "reasons": {}})
+        if problem is None:
+            entry["with"] += 1
+        else:
+            entry["without"] += 1
+            entry["reasons"][problem] = entry["reasons"].get(problem, 0) + 1
+    return stats
 
 
 def _write_details(out_dir: Path, jobs: list[SynthJob]) -> None:
@@ -218,10 +334,29 @@ def build_synth(
     options = {"num_utterances": num_utterances, "seed": seed, "engines": list(found)}
     prepare_build(out_dir, "synth", options | {"sentences_dir": str(sentences_dir)})
     jobs = plan(sentences, num_utterances, found, seed)
-    utterances = list(parallel_map(lambda job: _make(out_dir, job), jobs, workers, desc="synth"))
+    made = list(parallel_map(lambda job: _make(out_dir, job), jobs, workers, desc="synth"))
+    utterances = [utt for utt, _ in made]
+    phone_stats = phone_time_stats(jobs, [problem for _, problem in made])
+    for split, entry in phone_stats.items():
+        level = logging.WARNING if entry["without"] else logging.INFO
+        logger.log(
+            level,
+            "synth %s: %d flite utterances with phone times, %d without %s",
+            split,
+            entry["with"],
+            entry["without"],
+            entry["reasons"] or "",
+        )
     _write_details(out_dir, jobs)
     voice_sets = {
         split: sorted({f"{j.voice.engine}:{j.voice.name}" for j in jobs if j.split == split})
         for split in SPLITS
     }
-    return finish_build(out_dir, utterances, sentence_pool=len(sentences), voices=voice_sets)
+    return finish_build(
+        out_dir,
+        utterances,
+        sentence_pool=len(sentences),
+        voices=voice_sets,
+        phone_ends=phone_stats,
+        manifest_version=MANIFEST_VERSION,
+    )

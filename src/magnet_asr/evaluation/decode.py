@@ -10,10 +10,11 @@ fine-tuning collapses (DESIGN.md). Later model families register a loader in ``L
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -33,9 +34,20 @@ MAX_WHISPER_NEW_TOKENS = 440
 
 @dataclass
 class Transcription:
+    """One hypothesis and what the encoder did with the clip.
+
+    ``boundary_frames[k]``: the segment ends of predictor ``k`` (in the order of the config's
+    ``predictor_layers``) as sorted encoder-stem frame indices (50 frames/s) of this sample's real frames,
+    the final forced one included; a later predictor's segment ends where its last constituent frame
+    ends (:func:`stem_segment_ends`). None for a model without predictors. ``hit_token_cap``: decoding
+    stopped at ``max_new_tokens`` without an end-of-text token (a loop, or a cap too low).
+    """
+
     text: str
     encoder_frames: int  # encoder frames of the real audio (50/s)
     compressed_frames: int  # frames after boundary pooling; equal to encoder_frames without compression
+    boundary_frames: list[list[int]] | None = None
+    hit_token_cap: bool = False
 
     @property
     def compression(self) -> float:
@@ -51,6 +63,58 @@ class Recognizer(Protocol):
 
 def max_new_tokens_for(seconds: float) -> int:
     return int(min(MAX_WHISPER_NEW_TOKENS, 16 + TOKENS_PER_SECOND_CAP * seconds))
+
+
+def hit_token_cap(tokens: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int | None]) -> list[bool]:
+    """Per row of Whisper ``generate`` output ``(B, N)``: True when it holds ``max_new_tokens`` tokens
+    other than ``stop_ids`` (pad / end-of-text). transformers' Whisper ``generate`` returns the text tokens
+    only (decoder prompt and final end-of-text stripped, finished rows padded), so a row that reached the
+    cap is one with ``max_new_tokens`` real tokens."""
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    for stop in {s for s in stop_ids if s is not None}:
+        real &= tokens != stop
+    return [int(n) >= max_new_tokens for n in real.sum(1).tolist()]
+
+
+def _stop_ids(generation_config: Any) -> list[int | None]:
+    eos = generation_config.eos_token_id
+    return [generation_config.pad_token_id, *(eos if isinstance(eos, list) else [eos])]
+
+
+def stem_segment_ends(
+    boundary_outputs: Sequence[Any], stem_frames: Sequence[int], stride: int = 1
+) -> list[list[list[int]]]:
+    """Segment ends of every predictor, per sample, as encoder-stem frame indices (50 frames/s).
+
+    ``boundary_outputs[k]`` has ``boundaries`` and ``mask`` ``(B, L_k)`` over predictor ``k``'s input;
+    ``stem_frames[b]``: real stem frames of sample ``b``; ``stride``: stem frames per input frame of the
+    first predictor (the product of ``extra_conv_strides``; input frame ``j`` ends at stem frame
+    ``min((j+1)*stride, stem_frames) - 1``). Predictor ``k > 0`` decides over predictor ``k-1``'s segments,
+    so its boundary at input ``j`` is the end of segment ``j`` of predictor ``k-1``. The last real frame is
+    always a segment end (real frames after the last boundary form one final segment). Returns
+    ``[b][k] -> sorted list of stem frame indices``.
+    """
+    out: list[list[list[int]]] = []
+    for b, frames in enumerate(stem_frames):
+        # each predictor input frame, as the stem frame it ends at
+        input_ends = [min((j + 1) * stride, int(frames)) - 1 for j in range(-(-int(frames) // stride))]
+        per_layer: list[list[int]] = []
+        for level in boundary_outputs:
+            real = (
+                level.mask[b].bool()
+                if level.mask is not None
+                else torch.ones_like(level.boundaries[b]).bool()
+            )
+            decided = (level.boundaries[b] > 0.5) & real
+            local = torch.nonzero(decided).flatten().tolist()
+            last = int(real.sum()) - 1
+            if last >= 0 and (not local or local[-1] != last):
+                local.append(last)
+            ends = [input_ends[j] for j in local if j < len(input_ends)]
+            per_layer.append(ends)
+            input_ends = ends
+        out.append(per_layer)
+    return out
 
 
 class WhisperRecognizer:
@@ -87,9 +151,12 @@ class WhisperRecognizer:
             kwargs.update(language="en", task="transcribe")
         tokens = self.model.generate(features.to(device), **kwargs)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        capped = hit_token_cap(tokens, kwargs["max_new_tokens"], _stop_ids(self.model.generation_config))
         return [
-            Transcription(text.strip(), num_encoder_frames(len(w)), num_encoder_frames(len(w)))
-            for text, w in zip(texts, waveforms)
+            Transcription(
+                text.strip(), num_encoder_frames(len(w)), num_encoder_frames(len(w)), hit_token_cap=cap
+            )
+            for text, w, cap in zip(texts, waveforms, capped)
         ]
 
 
@@ -123,20 +190,36 @@ class MagnetWhisperRecognizer(WhisperRecognizer):
         model = MagnetWhisper.from_pretrained(path).to(device)
         return cls(model, AutoTokenizer.from_pretrained(path), name=str(path))
 
+    @property
+    def predictor_layers(self) -> list[int]:
+        """Encoder layer index of each predictor, the order of ``Transcription.boundary_frames``."""
+        return list(self.model.config.predictor_layers)
+
     @torch.inference_mode()
     def transcribe(self, waveforms: Sequence[np.ndarray]) -> list[Transcription]:
         device = next(self.model.parameters()).device
         features, mask = batch_features(waveforms, self.n_mels)
         encoded = self.model.encode(features.to(device), mask.to(device))
+        # read the per-sample tensors now: generate expands them in place for beam search
+        assert encoded.frames_before is not None and encoded.frames_after is not None  # set by encode
+        before, after = encoded.frames_before.tolist(), encoded.frames_after.tolist()
+        boundaries: list[list[list[int]] | None] = [None] * len(waveforms)
+        if encoded.boundary_outputs:
+            stride = math.prod(self.model.config.extra_conv_strides)
+            stem = [num_encoder_frames(len(w)) for w in waveforms]
+            boundaries = list(stem_segment_ends(encoded.boundary_outputs, stem, stride))
         longest = max(len(w) for w in waveforms) / SAMPLE_RATE
-        kwargs: dict = {"max_new_tokens": max_new_tokens_for(longest), "encoder_outputs": encoded}
+        max_new_tokens = max_new_tokens_for(longest)
+        kwargs: dict = {"max_new_tokens": max_new_tokens, "encoder_outputs": encoded}
         if self.multilingual:
             kwargs.update(language="en", task="transcribe")
         tokens = self.model.generate(**kwargs)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        assert encoded.frames_before is not None and encoded.frames_after is not None  # set by encode
-        before, after = encoded.frames_before.tolist(), encoded.frames_after.tolist()
-        return [Transcription(t.strip(), int(b), int(a)) for t, b, a in zip(texts, before, after)]
+        capped = hit_token_cap(tokens, max_new_tokens, _stop_ids(self.model.generation_config))
+        return [
+            Transcription(t.strip(), int(b), int(a), boundary_frames=frames, hit_token_cap=cap)
+            for t, b, a, frames, cap in zip(texts, before, after, boundaries, capped)
+        ]
 
 
 def _load_speech_llm(path: str, device: str = "cpu") -> Recognizer:

@@ -1,4 +1,16 @@
-"""Score a recognizer on a manifest: WER, CER, speed (RTFx) and compression, with bad samples skipped and counted."""
+"""Score a recognizer on a manifest: WER, CER, speed (RTFx), compression, loops and boundary quality, with bad
+samples skipped and counted.
+
+Summary keys beside WER / CER: ``loop_share``, the share of hypotheses that loop (each row's ``looping``:
+the hypothesis's gzip compression ratio exceeds Whisper's 2.4, :func:`magnet_asr.text.compression_ratio`,
+or decoding stopped at the recognizer's token cap); and for a model with boundary predictors
+``boundaries``: ``{layer: {precision, recall, f1, r_value, adjacent_share, silence_share,
+num_utterances, ...}}`` per predictor (keyed by its encoder layer index, as a string in JSON), micro-averaged
+over utterances (:mod:`magnet_asr.evaluation.boundaries`). Precision, recall, F1, R-value and the silence
+share use the utterances whose manifest row has phone times (``num_utterances``); the adjacent share uses
+every utterance (``num_utterances_all``). ``boundary_f1``, ``adjacent_share`` and ``silence_share`` at the
+top level repeat the last predictor's (the one whose segments the decoder sees); None without predictors.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +26,7 @@ from tqdm.auto import tqdm
 
 from magnet_asr.audio import SAMPLE_RATE, AudioError, load_audio
 from magnet_asr.data.manifest import Utterance
+from magnet_asr.evaluation.boundaries import BoundaryCounts, score_utterance
 from magnet_asr.evaluation.decode import Recognizer, Transcription
 
 
@@ -36,17 +49,25 @@ class EvalResult:
     wall_seconds: float = 0.0
     encoder_frames: int = 0
     compressed_frames: int = 0
+    looping: int = 0
+    boundaries: dict[str, BoundaryCounts] = field(default_factory=dict)  # predictor layer -> counts
 
     def summary(self) -> dict[str, Any]:
         from magnet_asr.text import cer, wer
 
         n = len(self.references)
+        scores = {layer: counts.summary() for layer, counts in self.boundaries.items()}
+        last = scores[list(scores)[-1]] if scores else {}
         return {
             "model": self.model,
             "data": self.data,
             "split": self.split,
             "wer": wer(self.references, self.hypotheses) if n else None,
             "cer": cer(self.references, self.hypotheses) if n else None,
+            "loop_share": round(self.looping / n, 4) if n else None,
+            "boundary_f1": last.get("f1"),
+            "adjacent_share": last.get("adjacent_share"),
+            "silence_share": last.get("silence_share"),
             "num_utterances": n,
             "num_skipped": len(self.skipped),
             "skipped": self.skipped,
@@ -58,6 +79,7 @@ class EvalResult:
             "mean_compression": round(self.encoder_frames / self.compressed_frames, 4)
             if self.compressed_frames
             else None,
+            **({"boundaries": scores} if scores else {}),
             "utterances": self.rows,
         }
 
@@ -122,17 +144,38 @@ def evaluate(
         for item, out in zip(batch, outputs):
             if out is None:
                 continue
-            _record(result, item, out)
+            _record(result, item, out, _layer_keys(recognizer, len(out.boundary_frames or ())))
         progress.update(len(batch))
     progress.close()
     result.rows.sort(key=lambda r: r["id"])
     return result.summary()
 
 
-def _record(result: EvalResult, item: _Loaded, out: Transcription) -> None:
-    from magnet_asr.text import wer
+def _layer_keys(recognizer: Recognizer, count: int) -> list[str]:
+    """Names of the ``count`` predictors: their encoder layer indices when the recognizer tells them."""
+    layers = list(getattr(recognizer, "predictor_layers", None) or [])
+    return [str(k) for k in layers] if len(layers) == count else [f"predictor{i}" for i in range(count)]
+
+
+def _score_boundaries(result: EvalResult, keys: list[str], item: _Loaded, frames: list[list[int]]) -> None:
+    """Add one utterance's boundary counts per predictor (phone-time scores only if its row has them)."""
+    from magnet_asr.audio import num_encoder_frames
+
+    utt = item.utterance
+    stem_frames = num_encoder_frames(len(item.audio))  # frames are on the stem grid, whatever the strides
+    for key, ends in zip(keys, frames):
+        counts = score_utterance(ends, stem_frames, utt.phones, utt.phone_ends)
+        result.boundaries[key] = result.boundaries.get(key, BoundaryCounts()) + counts
+
+
+def _record(result: EvalResult, item: _Loaded, out: Transcription, keys: list[str]) -> None:
+    from magnet_asr.text import LOOP_COMPRESSION_RATIO, compression_ratio, wer
 
     seconds = len(item.audio) / SAMPLE_RATE
+    looping = compression_ratio(out.text) > LOOP_COMPRESSION_RATIO or out.hit_token_cap
+    result.looping += looping
+    if out.boundary_frames is not None:
+        _score_boundaries(result, keys, item, out.boundary_frames)
     result.references.append(item.utterance.text)
     result.hypotheses.append(out.text)
     result.audio_seconds += seconds
@@ -146,6 +189,7 @@ def _record(result: EvalResult, item: _Loaded, out: Transcription) -> None:
             "duration": round(seconds, 3),
             "wer": wer([item.utterance.text], [out.text]),
             "compression": round(out.compression, 4),
+            "looping": bool(looping),
         }
     )
 

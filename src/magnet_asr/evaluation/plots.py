@@ -1,4 +1,5 @@
-"""Figures for the report: segment boundaries over a log-mel spectrogram, WER vs compression, training curves.
+"""Figures for the report: segment boundaries over a log-mel spectrogram (with the true phone ends where the
+corpus has them), WER vs compression, training curves.
 
 Every function returns a :class:`matplotlib.figure.Figure` (Agg backend, no display needed) so callers and
 tests can inspect it before :func:`save_figure` writes the PNG.
@@ -21,6 +22,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from magnet_asr.audio import FRAMES_PER_SECOND  # noqa: E402
 
 SEGMENT_GID = "segment-end"  # the gid of every segment line in a boundary figure (tests count them)
+PHONE_GID = "phone-end"  # the gid of every true phone-end tick in a boundary figure
+PHONE_COLOR = "#00c853"
 PREDICTOR_COLORS = ("#ffffff", "#ff4081", "#00e5ff", "#ffd600")
 KIND_STYLE = {
     "compressed": {"color": "#1f77b4", "marker": "o"},
@@ -79,6 +82,35 @@ def _draw_words(ax: plt.Axes, words: Sequence[str], duration: float) -> None:
         ax.text((i + 0.5) * step, y, word, ha="center", va="center", fontsize=size)
 
 
+def _draw_phones(ax: plt.Axes, phones: Sequence[str], phone_ends: Sequence[float], duration: float) -> None:
+    """True phones on a time axis: a tick at every reference boundary (the phone ends the boundary scores
+    use, :func:`magnet_asr.evaluation.boundaries.reference_boundaries`) and each label centred in its phone."""
+    from magnet_asr.evaluation.boundaries import SILENCE, reference_boundaries
+
+    ax.set_xlim(0, duration)
+    ax.set_ylim(0, 1)
+    ax.set_yticks([])
+    ax.set_ylabel("phones", rotation=0, ha="right", va="center", fontsize=8)
+    for side in ("top", "right", "left", "bottom"):
+        ax.spines[side].set_visible(False)
+    for t in reference_boundaries(phones, phone_ends):
+        ax.plot([t, t], [0.55, 1.0], color=PHONE_COLOR, lw=1.2, gid=PHONE_GID)
+    size = 8 if len(phones) <= 40 else 6
+    starts = [0.0, *phone_ends[:-1]]
+    for i, (label, start, end) in enumerate(zip(phones, starts, phone_ends)):
+        silent = label == SILENCE
+        y = 0.3 if i % 2 == 0 else 0.1  # staggered so short neighbours do not overlap
+        ax.text(
+            (start + end) / 2,
+            y,
+            label,
+            ha="center",
+            va="bottom",
+            fontsize=size,
+            color="0.55" if silent else "0.1",
+        )
+
+
 def boundary_figure(
     mel: np.ndarray,
     ends: Sequence[np.ndarray],
@@ -86,16 +118,27 @@ def boundary_figure(
     duration: float,
     frame_seconds: float,
     title: str = "",
+    phones: Sequence[str] | None = None,
+    phone_ends: Sequence[float] | None = None,
 ) -> Figure:
     """Log-mel spectrogram ``(n_mels, T)`` with a vertical line at the end of every segment.
 
     ``ends[i]`` holds predictor ``i``'s segment-end frame indices (see :func:`segment_ends`) on a grid of
     ``frame_seconds`` per frame; a segment ending at frame ``t`` ends at ``(t + 1) * frame_seconds``.
+    With ``phones`` and ``phone_ends`` (seconds, the manifest's true phone times), a strip under the
+    spectrogram ticks each true phone end (gid :data:`PHONE_GID`) and names the phones.
     """
+    timed = phones is not None and phone_ends is not None and len(phones) == len(phone_ends) > 0
     width = float(np.clip(2.4 * duration, 8.0, 20.0))
-    fig, (ax, word_ax) = plt.subplots(
-        2, 1, figsize=(width, 4.6), gridspec_kw={"height_ratios": [4, 1], "hspace": 0.05}, sharex=True
+    ratios = [4, 0.8, 1] if timed else [4, 1]
+    fig, axes = plt.subplots(
+        len(ratios),
+        1,
+        figsize=(width, 4.6 + (0.9 if timed else 0.0)),
+        gridspec_kw={"height_ratios": ratios, "hspace": 0.05},
+        sharex=True,
     )
+    ax, word_ax = axes[0], axes[-1]
     n_mels, frames = mel.shape
     ax.imshow(
         mel,
@@ -113,7 +156,11 @@ def boundary_figure(
     ax.set_xlim(0, duration)
     ax.set_ylabel("mel bin")
     ax.set_title(title, fontsize=11)
-    if any(len(e) for e in ends):
+    if timed:
+        assert phones is not None and phone_ends is not None
+        _draw_phones(axes[1], phones, phone_ends, duration)
+        ax.plot([], [], color=PHONE_COLOR, lw=1.2, label="true phone end (below)")
+    if any(len(e) for e in ends) or timed:
         ax.legend(loc="upper right", fontsize=8, framealpha=0.6)
     _draw_words(word_ax, words, duration)
     word_ax.axis("on")
@@ -226,9 +273,14 @@ def _first_tag(curves: dict[str, Curve], tags: Sequence[str]) -> Curve | None:
     return next((curves[t] for t in tags if t in curves and len(curves[t][0]) > 1), None)
 
 
+def curve_panels(runs: dict[str, dict[str, Curve]]) -> list[tuple[str, tuple[str, ...]]]:
+    """The panels of :data:`CURVE_PANELS` that some run logged with at least two points (a line)."""
+    return [(name, tags) for name, tags in CURVE_PANELS if any(_first_tag(c, tags) for c in runs.values())]
+
+
 def training_curves_figure(runs: dict[str, dict[str, Curve]]) -> Figure:
     """One panel per quantity in :data:`CURVE_PANELS` that any run logged; one line per run."""
-    panels = [(name, tags) for name, tags in CURVE_PANELS if any(_first_tag(c, tags) for c in runs.values())]
+    panels = curve_panels(runs)
     columns = 3 if len(panels) > 4 else max(1, min(2, len(panels)))
     rows = max(1, -(-len(panels) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)

@@ -14,15 +14,20 @@ TABLE_COLUMNS = (
     "split",
     "wer",
     "cer",
+    "loop_share",
     "rtfx",
     "mean_compression",
+    "boundary_f1",
+    "adjacent_share",
+    "silence_share",
     "num_utterances",
     "num_skipped",
 )
 
 
 def table_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """The table's columns from an evaluation summary (see ``evaluation.evaluate``)."""
+    """The table's columns from an evaluation summary (see ``evaluation.evaluate``); a column the summary
+    lacks (older summaries, models without predictors) is None and shows as ``-``."""
     return {key: summary.get(key) for key in TABLE_COLUMNS}
 
 

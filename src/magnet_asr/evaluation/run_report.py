@@ -137,6 +137,10 @@ def _file_name(name: str) -> str:
 
 
 def _md_image(out: Path, png: Path, alt: str) -> str:
+    """A Markdown image link to ``png`` relative to ``out``; empty when no such file was written, so the
+    report never links a figure that does not exist."""
+    if not png.is_file() or png.stat().st_size == 0:
+        return ""
     return f"![{alt}]({Path(os.path.relpath(png, out)).as_posix()})\n"
 
 
@@ -147,30 +151,37 @@ def pareto_section(out: Path, points: Sequence[Any]) -> str:
     if not points:
         return ""
     png = save_figure(pareto_figure(points), out / FIGURES / "pareto.png")
-    return "## WER vs compression\n\n" + _md_image(out, png, "WER vs compression") + "\n"
+    image = _md_image(out, png, "WER vs compression")
+    return "## WER vs compression\n\n" + image + "\n" if image else ""
 
 
 def curves_section(out: Path, runs: Sequence[Run]) -> str:
     """Markdown for the training curves read from every run's TensorBoard logs."""
-    from magnet_asr.evaluation.plots import read_scalars, save_figure, training_curves_figure
+    from magnet_asr.evaluation.plots import curve_panels, read_scalars, save_figure, training_curves_figure
 
     curves = {run.name: read_scalars(run.path) for run in runs}
     curves = {name: c for name, c in curves.items() if c}
-    if not curves:
+    png = out / FIGURES / "training_curves.png"
+    png.unlink(missing_ok=True)  # a figure left by an earlier build must not stand for this one
+    if not curves or not curve_panels(curves):  # no logs, or no series with two points: no figure
         return ""
-    png = save_figure(training_curves_figure(curves), out / FIGURES / "training_curves.png")
-    return "## Training curves\n\n" + _md_image(out, png, "training curves") + "\n"
+    save_figure(training_curves_figure(curves), png)
+    image = _md_image(out, png, "training curves")
+    return "## Training curves\n\n" + image + "\n" if image else ""
 
 
 @dataclass
 class UtteranceBoundaries:
-    """What the encoder decided for one clip: its features and each predictor's segment ends in frames."""
+    """What the encoder decided for one clip: its features and each predictor's segment ends, as
+    encoder-stem frame indices (50 frames/s), plus the clip's true phone times when known."""
 
     mel: np.ndarray
     ends: list[np.ndarray]
     duration: float
     frame_seconds: float
     frames: int
+    phones: list[str] | None = None
+    phone_ends: list[float] | None = None
 
     @property
     def segments(self) -> int:
@@ -188,55 +199,50 @@ def load_encoder_model(checkpoint: Path) -> Any:
     return MagnetWhisper.from_pretrained(checkpoint).eval()
 
 
-def _frame_ends(outputs: Sequence[Any]) -> list[np.ndarray]:
-    """Segment ends of each predictor as indices of encoder frames: a later predictor's boundaries are over
-    the previous predictor's segments, so they are mapped back through those segments' last frames."""
+def utterance_boundaries(model: Any, audio_path: str | Path, utterance: Any = None) -> UtteranceBoundaries:
+    """Run ``model``'s encoder on one clip (unpadded, eval mode) and collect its segment boundaries.
+
+    Every predictor's segment ends are mapped to encoder-stem frames (a later predictor's segment ends
+    where its last frame does, :func:`~magnet_asr.evaluation.decode.stem_segment_ends`), so one frame is
+    1/50 s whatever the predictor. ``utterance`` (a manifest row): its phone times, if it has them.
+    """
+    import math
+
+    import numpy as np
     import torch
 
-    from magnet_asr.evaluation.plots import segment_ends
-
-    ends: list[np.ndarray] = []
-    for out in outputs:
-        real = (
-            out.mask[0].bool()
-            if out.mask is not None
-            else torch.ones_like(out.boundaries[0], dtype=torch.bool)
-        )
-        local = segment_ends(out.boundaries[0][real].float().cpu().numpy())
-        ends.append(ends[-1][local] if ends else local)
-    return ends
-
-
-def utterance_boundaries(model: Any, audio_path: str | Path) -> UtteranceBoundaries:
-    """Run ``model``'s encoder on one clip (unpadded, eval mode) and collect its segment boundaries."""
-    import torch
-
-    from magnet_asr.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram
+    from magnet_asr.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram, num_encoder_frames
+    from magnet_asr.evaluation.boundaries import FRAME_SECONDS
+    from magnet_asr.evaluation.decode import stem_segment_ends
 
     audio = load_audio(audio_path)
     mel = log_mel_spectrogram(audio, n_mels=model.config.num_mel_bins)
     with torch.no_grad():
         enc = model.model.encoder(mel[None])
     outputs = enc.boundary_outputs or ()
-    frames = int(enc.frames_before[0])
-    duration = len(audio) / SAMPLE_RATE
+    frames = num_encoder_frames(len(audio))
+    stride = math.prod(getattr(model.config, "extra_conv_strides", None) or [1])
+    ends = stem_segment_ends(outputs, [frames], stride)[0] if outputs else []
     return UtteranceBoundaries(
         mel=mel.numpy(),
-        ends=_frame_ends(outputs),
-        duration=duration,
-        frame_seconds=duration / max(frames, 1),
+        ends=[np.asarray(e, dtype=np.int64) for e in ends],
+        duration=len(audio) / SAMPLE_RATE,
+        frame_seconds=FRAME_SECONDS,
         frames=frames,
+        phones=getattr(utterance, "phones", None),
+        phone_ends=getattr(utterance, "phone_ends", None),
     )
 
 
 def pick_examples(data: str | Path, count: int, split: str = "test") -> list[Any]:
-    """``count`` short test utterances (at most 6 s, the longest first) from the corpus ``data``."""
+    """``count`` short test utterances (at most 6 s) from the corpus ``data``: those with true phone
+    times first (their plots show the phone ends), then the longest first."""
     from magnet_asr.data.corpora import resolve_data
     from magnet_asr.data.manifest import read_manifest
 
     utterances = read_manifest(resolve_data(data), split=split)
     short = [u for u in utterances if 0 < u.duration <= MAX_EXAMPLE_SECONDS and len(u.text.split()) >= 2]
-    short.sort(key=lambda u: (-u.duration, u.id))
+    short.sort(key=lambda u: (u.phone_ends is None, -u.duration, u.id))
     return short[:count]
 
 
@@ -256,7 +262,7 @@ def boundaries_section(out: Path, runs: Sequence[Run], data: str | Path, count: 
         parts.append(f"### {run.name}\n\n")
         for utt in examples:
             try:
-                b = utterance_boundaries(model, utt.audio)
+                b = utterance_boundaries(model, utt.audio, utt)
             except AudioError as e:
                 parts.append(f"- {utt.id}: skipped ({e})\n")
                 continue
@@ -264,13 +270,24 @@ def boundaries_section(out: Path, runs: Sequence[Run], data: str | Path, count: 
                 f"{run.name} · {utt.id} · {b.duration:.2f} s · {b.segments} segments"
                 f" · compression {b.compression:.2f}x"
             )
-            fig = boundary_figure(b.mel, b.ends, utt.text.split(), b.duration, b.frame_seconds, title)
+            fig = boundary_figure(
+                b.mel,
+                b.ends,
+                utt.text.split(),
+                b.duration,
+                b.frame_seconds,
+                title,
+                phones=b.phones,
+                phone_ends=b.phone_ends,
+            )
             png = save_figure(fig, out / FIGURES / _file_name(f"boundaries_{run.name}_{utt.id}.png"))
-            parts.append(_md_image(out, png, f"boundaries {run.name} {utt.id}") + "\n")
+            image = _md_image(out, png, f"boundaries {run.name} {utt.id}")
+            parts.append(image + "\n" if image else f"- {utt.id}: figure not written\n")
     if not parts:
         return ""
     return (
-        "## Segment boundaries\n\nLines mark segment ends predicted by the encoder (eval mode).\n\n"
+        "## Segment boundaries\n\nLines mark segment ends predicted by the encoder (eval mode); where the "
+        "corpus has true phone times (flite), green ticks under the spectrogram mark the phone ends.\n\n"
         + "".join(parts)
     )
 

@@ -378,13 +378,21 @@ class MagnetWhisper(WhisperForConditionalGeneration):
     def encode(
         self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> MagnetEncoderOutput:
-        """Encoder pass for generation: only what ``generate`` should carry (tensors it can expand)."""
+        """Encoder pass for generation: the tensors ``generate`` carries, plus the predictors' decisions.
+
+        ``last_hidden_state``, ``encoder_attention_mask``, ``frames_before`` / ``frames_after`` are tensors,
+        which ``generate`` expands in place for beams (``repeat_interleave``): read them before generating.
+        ``boundary_outputs`` (one ``BoundaryOutput`` per predictor, ``boundaries`` and ``mask`` ``(B, L_k)``
+        at that predictor's input) is a tuple, which ``generate`` passes along untouched, so it keeps ``B``
+        rows; the decoder never reads it. No loss, no sampling state.
+        """
         out = self.model.encoder(input_features, attention_mask=attention_mask)
         return MagnetEncoderOutput(
             last_hidden_state=out.last_hidden_state,
             encoder_attention_mask=out.encoder_attention_mask,
             frames_before=out.frames_before,
             frames_after=out.frames_after,
+            boundary_outputs=out.boundary_outputs,
         )
 
     def generate(  # type: ignore[override]
