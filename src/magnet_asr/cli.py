@@ -78,7 +78,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from magnet_asr.demo import run_demo
 
-    run_demo(out_dir=args.out, limit=args.limit, train_steps=args.train_steps)
+    run_demo(
+        out_dir=args.out,
+        limit=args.limit,
+        train_steps=args.train_steps,
+        train_utterances=args.train_utterances or None,
+    )
     return 0
 
 
@@ -149,7 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the embedded defaults (what `make demo` runs)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--limit", type=int, default=100, help="evaluate at most N utterances per split")
-    p.add_argument("--train-steps", type=int, default=100, help="steps of the short training runs (0: skip)")
+    from magnet_asr.demo import DEMO_TRAIN_STEPS, DEMO_TRAIN_UTTERANCES
+
+    p.add_argument(
+        "--train-steps", type=int, default=DEMO_TRAIN_STEPS, help="steps of the short training runs (0: skip)"
+    )
+    p.add_argument(
+        "--train-utterances",
+        type=int,
+        default=DEMO_TRAIN_UTTERANCES,
+        help="training utterances the short runs draw from (0: all)",
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 

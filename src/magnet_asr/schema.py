@@ -94,6 +94,37 @@ class LLMConfig:
 
 
 @dataclass
+class DistillationConfig:
+    """Distillation from the uncompressed teacher (magnet_asr.training.distillation); off by default."""
+
+    enabled: bool = False
+    # bundled name, local directory or hub name; None: the pretrained checkpoint the student starts
+    # from (encoder.name), run the standard Whisper way (30 s padded input, eval, no gradient)
+    teacher: str | None = None
+    encoder_weight: float = 1.0  # normalized MSE of the upsampled student frames vs the teacher's
+    logits_weight: float = 1.0  # KL(teacher || student) of next-token distributions, times T^2
+    temperature: float = 1.0
+    label_weight: float = 1.0  # weight of the hard-label ASR loss beside the distillation parts
+    top_k: int = 32  # teacher next-token log-probabilities kept per label position in the cache
+    # where teacher outputs are cached (one file per utterance); None: <training.output_dir>/teacher_cache.
+    # Runs that share a teacher and data may share a directory: entries are keyed by teacher and utterance
+    cache_dir: str | None = None
+    batch_size: int = 8  # teacher batch size while prefilling the cache
+    # fill the cache for every training utterance before the first step; otherwise each entry is
+    # computed when training first draws its utterance (only what max_steps reaches is ever computed)
+    prefill: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("encoder_weight", "logits_weight", "label_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"distillation.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"distillation.temperature must be > 0, got {self.temperature}")
+        if self.top_k < 1 or self.batch_size < 1:
+            raise ValueError("distillation.top_k and distillation.batch_size must be >= 1")
+
+
+@dataclass
 class DataConfig:
     train: list[str] = field(default_factory=lambda: ["synth", "asterisk"])
     validation: list[str] = field(default_factory=lambda: ["asterisk"])
@@ -147,6 +178,7 @@ class RunConfig:
     compressor: CompressorConfig = MISSING
     projector: ProjectorConfig = MISSING
     llm: LLMConfig = MISSING
+    distillation: DistillationConfig = MISSING
     data: DataConfig = MISSING
     training: TrainingConfig = MISSING
 
@@ -160,6 +192,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "compressor": CompressorConfig,
     "projector": ProjectorConfig,
     "llm": LLMConfig,
+    "distillation": DistillationConfig,
     "data": DataConfig,
     "training": TrainingConfig,
 }

@@ -188,3 +188,46 @@ def test_ctc_warmup_without_a_ctc_head_is_a_config_error(sources):
         setup_speech_llm(
             _config(sources, "speech_llm_demo", "projector.ctc_loss_weight=0", "projector.ctc_warmup_steps=5")
         )
+
+
+def test_speech_llm_distils_response_tokens_from_a_speech_llm_run(sources, tmp_path):
+    from magnet_asr.data.collator import SpeechDataset
+
+    torch.manual_seed(0)
+    teacher_setup = setup_speech_llm(_config(sources, "speech_llm_demo"))
+    teacher_dir = tmp_path / "teacher"
+    teacher_setup.model.save_pretrained(str(teacher_dir))
+    teacher_setup.tokenizer.save_pretrained(str(teacher_dir))
+    distil = ["distillation.enabled=true", f"distillation.teacher={teacher_dir}", "distillation.top_k=8"]
+    distil.append(f"distillation.cache_dir={tmp_path / 'cache'}")
+    utterances = _utterances(tmp_path, 3)
+    items = [SpeechDataset(utterances)[i] for i in range(3)]
+
+    def parts(experiment: str, *extra: str, same_weights: bool = False):
+        setup = setup_speech_llm(_config(sources, experiment, *distil, *extra))
+        if same_weights:
+            setup.model.load_state_dict(teacher_setup.model.state_dict())
+        batch = setup.collator(items)
+        batch.pop("num_skipped")
+        inputs = {k: v for k, v in batch.items() if k not in ("utterance_ids", "audio_paths", "waveforms")}
+        outputs = setup.model.eval()(**inputs)
+        return setup, setup.distiller.loss(outputs, batch)
+
+    setup, (total, found) = parts("speech_llm_demo", same_weights=True)
+    assert found["distill_logits_loss"].abs() < 1e-5 and "distill_encoder_loss" not in found
+    assert setup.distiller.report.computed == 3  # the teacher ran once per utterance ...
+    setup, (total, found) = parts("speech_llm_demo_ctc", "projector.ctc_loss_weight=0.5")
+    assert setup.distiller.report is None and setup.distiller.cache.reads == 3  # ... and is read after
+    assert found["distill_logits_loss"] > 0
+    total.backward()
+    assert setup.model.projector.linear_in.weight.grad.abs().sum() > 0
+
+
+def test_speech_llm_distillation_needs_a_speech_llm_teacher(sources):
+    with pytest.raises(ValueError, match="trained SpeechLLM"):
+        setup_speech_llm(_config(sources, "speech_llm_demo", "distillation.enabled=true"))
+    whisper, _ = sources
+    with pytest.raises(ValueError, match="cannot teach"):
+        setup_speech_llm(
+            _config(sources, "speech_llm_demo", "distillation.enabled=true", f"distillation.teacher={whisper}")
+        )

@@ -15,7 +15,7 @@ from .losses import LOSS_NAMES
 
 __all__ = ["BoundaryPredictorConfig"]
 
-VARIANTS = ("mlp", "cosine")
+VARIANTS = ("mlp", "cosine", "uniform")
 POOLINGS = ("mean", "attention")
 TARGETS = ("fixed", "phoneme", "syllable")
 TRAIN_SAMPLINGS = ("gumbel", "threshold")
@@ -27,7 +27,9 @@ class BoundaryPredictorConfig:
 
     Attributes:
         hidden_size: width ``D`` of the frames the predictor sees.
-        variant: ``'mlp'`` (per-frame MLP, DTP) or ``'cosine'`` (H-Net routing on neighbouring frames).
+        variant: ``'mlp'`` (per-frame MLP, DTP), ``'cosine'`` (H-Net routing on neighbouring frames), or
+            ``'uniform'``: no parameters, evenly spaced boundaries at rate ``prior`` (the fixed-rate
+            control: the same pooling at the same layer, without learned boundaries).
         prior: target boundary rate, ``1 / compression factor`` (0.2 = 5x fewer frames).
         temperature: Gumbel-sigmoid temperature in training (shapes gradients, not the rate).
         threshold: probability above which a frame is a boundary in eval mode.

@@ -4,6 +4,8 @@ Two variants share one interface, ``BoundaryPredictor(config)(hidden, mask, targ
 
 - ``mlp``: an MLP on each frame gives ``p_t = sigmoid(z_t)``, the probability that frame ``t`` ends a
   segment (dynamic token pooling, Nawrot et al., 2023). The output bias starts at ``logit(prior)``.
+- ``uniform``: no parameters; ``round(prior x frames)`` evenly spaced segments per sample, in training
+  and evaluation alike: the fixed-rate control that learned boundaries must beat at equal compression.
 - ``cosine``: H-Net routing (Hwang et al., 2025): ``p_t = (1 - cos(W_q h_{t+1}, W_k h_t)) / 2`` with
   identity-initialized projections: a segment ends where the next frame stops resembling this one.
   H-Net marks chunk *starts*; a start at ``t+1`` is an end at ``t`` in our convention.
@@ -31,7 +33,13 @@ from .config import BoundaryPredictorConfig
 from .losses import binomial_count_loss, ratio_loss, repulsion_loss
 from .pooling import AttentionPooling, frame_mask, last_real_frame, segment_plan, segment_pool
 
-__all__ = ["BoundaryOutput", "BoundaryPredictor", "group_samples", "sinusoidal_positions"]
+__all__ = [
+    "BoundaryOutput",
+    "BoundaryPredictor",
+    "group_samples",
+    "sinusoidal_positions",
+    "uniform_boundaries",
+]
 
 _PROB_EPS = 1e-6
 
@@ -86,6 +94,18 @@ def group_samples(x: Tensor, num_samples: int) -> Tensor:
     return x.view(x.shape[0] // num_samples, num_samples, *x.shape[1:])
 
 
+def uniform_boundaries(real: Tensor, rate: float) -> Tensor:
+    """``(B, L)`` float 0/1: ``k_b = clamp(round(rate x n_b), 1, n_b)`` evenly spaced segment ends over each
+    sample's ``n_b`` real frames (``real (B, L)`` bool, real frames first). Frame ``t`` ends a segment when
+    ``floor((t+1) k / n) > floor(t k / n)``, so the last real frame always does and segments differ in
+    length by at most one frame."""
+    n = real.sum(dim=1, keepdim=True)
+    k = torch.round(n.float() * rate).long().clamp(min=1).minimum(n.clamp(min=1))
+    t = torch.arange(real.shape[1], device=real.device).unsqueeze(0)
+    ends = ((t + 1) * k) // n.clamp(min=1) > (t * k) // n.clamp(min=1)
+    return (ends & real).float()
+
+
 def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
@@ -115,7 +135,7 @@ class BoundaryPredictor(nn.Module):
             self.mlp = nn.Sequential(
                 *norm, nn.Linear(dim, inner), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(inner, 1)
             )
-        else:
+        elif config.variant == "cosine":
             self.q_proj = nn.Linear(dim, dim, bias=False)
             self.k_proj = nn.Linear(dim, dim, bias=False)
         self.attention = AttentionPooling(dim) if config.pooling == "attention" else None
@@ -140,7 +160,7 @@ class BoundaryPredictor(nn.Module):
             # deterministic `threshold` decision (logit > 0) would fire nowhere from that bias; it starts
             # at logit 0 instead (about one boundary per two frames) and the count loss pulls it down.
             output.bias.fill_(_logit(config.prior) if config.train_sampling == "gumbel" else 0.0)
-        else:  # identity: at init the router compares the frames themselves
+        elif config.variant == "cosine":  # identity: at init the router compares the frames themselves
             self.q_proj.weight.copy_(torch.eye(config.hidden_size))
             self.k_proj.weight.copy_(torch.eye(config.hidden_size))
         if self.attention is not None:
@@ -151,6 +171,8 @@ class BoundaryPredictor(nn.Module):
         """``(B, L)`` fp32 boundary logits (raw; forced positions are applied by the caller)."""
         if self.config.variant == "mlp":
             return self.mlp(hidden).squeeze(-1).float()
+        if self.config.variant == "uniform":  # a certain decision: logits of +-30 (p = 0 or 1)
+            return uniform_boundaries(real, self.prior).mul(60.0).sub(30.0)
         q = self.q_proj(hidden[:, 1:]).float()
         k = self.k_proj(hidden[:, :-1]).float()
         cos = F.cosine_similarity(q, k, dim=-1, eps=1e-8)
@@ -161,6 +183,8 @@ class BoundaryPredictor(nn.Module):
 
     def _decide(self, logits: Tensor, real: Tensor, forced: Tensor) -> Tensor:
         """Hard 0/1 boundaries; straight-through in training, thresholded probabilities in eval."""
+        if self.config.variant == "uniform":
+            return torch.where(forced, torch.ones_like(logits), (logits > 0).float())
         if self.training:
             soft_logits = logits
             if self.config.train_sampling == "gumbel":
@@ -206,6 +230,8 @@ class BoundaryPredictor(nn.Module):
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if self.config.variant == "uniform":
+            raise ValueError("a uniform predictor has nothing to sample: its boundaries are fixed")
         real = self._check(hidden, mask)
         logits = self.boundary_logits(hidden, real).repeat_interleave(num_samples, dim=0)
         hidden = hidden.repeat_interleave(num_samples, dim=0)

@@ -34,7 +34,7 @@ class SpeechDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         utt = self.utterances[index]
-        item: dict[str, Any] = {"id": utt.id, "text": utt.text.strip()}
+        item: dict[str, Any] = {"id": utt.id, "path": utt.audio, "text": utt.text.strip()}
         if not item["text"]:
             item["error"] = f"{utt.id}: empty transcript"
             return item
@@ -99,6 +99,9 @@ class WhisperCollator:
     num_predictors: int = 0
     boundaries_per_unit: float = 1.0
     pad_to: int | None = None  # samples; N_SAMPLES gives Whisper's 30 s input (zero-shot evaluation)
+    # also return ``utterance_ids``, ``audio_paths`` and ``waveforms`` (lists): distillation looks up its
+    # teacher targets by them (and computes missing ones); the trainer removes them before the forward
+    keep_ids: bool = False
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         good = [it for it in items if "error" not in it]
@@ -107,16 +110,21 @@ class WhisperCollator:
             return batch
         feats = [log_mel_spectrogram(it["audio"], self.n_mels, pad_to=self.pad_to) for it in good]
         batch["input_features"], batch["attention_mask"] = pad_features(feats)
-        labels = [self._label_ids(it["text"]) for it in good]
+        labels = [self.label_ids(it["text"]) for it in good]
         batch["labels"] = pad_sequences(labels, -100)
         counts = collate_target_counts(
             [it["text"] for it in good], self.target, self.num_predictors, self.boundaries_per_unit
         )
         if counts is not None:
             batch["target_counts"] = counts
+        if self.keep_ids:
+            batch["utterance_ids"] = [it["id"] for it in good]
+            batch["audio_paths"] = [it["path"] for it in good]
+            batch["waveforms"] = [it["audio"] for it in good]
         return batch
 
-    def _label_ids(self, text: str) -> list[int]:
+    def label_ids(self, text: str) -> list[int]:
+        """Label tokens of ``text``: the tokenizer's prefix without the start token, text, end of text."""
         ids = self.tokenizer(" " + text).input_ids
         start = self.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
         return ids[1:] if ids and ids[0] == start else ids

@@ -184,6 +184,7 @@ class SpeechLLMCollator:
     target: str | None = None
     num_predictors: int = 0
     boundaries_per_unit: float = 1.0
+    keep_ids: bool = False  # as WhisperCollator.keep_ids: the lists distillation looks teacher targets up by
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         good = [it for it in items if "error" not in it]
@@ -201,4 +202,8 @@ class SpeechLLMCollator:
             batch["target_counts"] = counts
         # the length guards against two corpora reusing an id
         batch["cache_keys"] = [f"{it['id']}:{len(it['audio'])}" for it in good]
+        if self.keep_ids:
+            batch["utterance_ids"] = [it["id"] for it in good]
+            batch["audio_paths"] = [it["path"] for it in good]
+            batch["waveforms"] = [it["audio"] for it in good]
         return batch

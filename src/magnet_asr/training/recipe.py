@@ -84,6 +84,8 @@ class ModelSetup:
     learning_rates: dict[str, float] = field(default_factory=dict)
     # runs once before a fresh (not resumed) training, with the built trainer; returns figures to report
     before_training: Callable[[Any], dict[str, Any]] | None = None
+    # distillation from a teacher (training.distillation.Distiller): its trainer adds the loss parts
+    distiller: Any = None
 
 
 def encoder_settings(cfg: Any) -> dict[str, Any]:
@@ -166,7 +168,13 @@ def _setup_magnet_whisper(cfg: Any) -> ModelSetup:
             param.requires_grad = "predictors." in name
     if cfg.encoder.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return magnet_whisper_setup(cfg, model)
+    setup = magnet_whisper_setup(cfg, model)
+    if cfg.distillation.enabled:
+        from magnet_asr.training.distillation import build_distiller
+
+        setup.distiller = build_distiller(cfg)
+        setup.collator.keep_ids = True  # type: ignore[attr-defined]
+    return setup
 
 
 def _setup_model(cfg: Any) -> ModelSetup:
@@ -223,6 +231,8 @@ def _setup_trainer(cfg: Any, setup: ModelSetup, data: DataSplits, output_dir: Pa
     from magnet_asr.training.grpo import trainer_class
 
     cls, extra = trainer_class(cfg)  # GRPOTrainer for training.grpo=true, else MagnetTrainer
+    if setup.distiller is not None:
+        extra["distiller"] = setup.distiller
     return cls(
         model=setup.model,
         args=_training_arguments(cfg, output_dir),
@@ -291,6 +301,8 @@ def train(cfg: Any) -> dict[str, Any]:
     resume = _resume_path(cfg, output_dir)
     # a resumed run's checkpoint already holds what before_training produced
     prepared = setup.before_training(trainer) if setup.before_training and not resume else None
+    if setup.distiller is not None and cfg.distillation.prefill:
+        setup.distiller.prepare(data.train, setup.collator, trainer.accelerator)
     trainer.train(resume_from_checkpoint=resume)
     final_dir = output_dir / "final"
     trainer.save_model(str(final_dir))
@@ -311,6 +323,12 @@ def train(cfg: Any) -> dict[str, Any]:
         write_json(summary, output_dir / f"test_{Path(spec).stem}.json")
     results["train_skipped_samples"] = trainer.skipped_samples
     results["train_skipped_batches"] = trainer.skipped_batches
+    # the last training log window: every loss part (ASR, boundary, distillation...) as logged
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    if logged:
+        results["train_log"] = logged[-1]
+    if setup.distiller is not None:
+        results["distillation"] = setup.distiller.summary()
     write_json(results, output_dir / "results.json")
     brief = {
         k: {m: v.get(m) for m in ("wer", "mean_compression", "rtfx")} for k, v in results["test"].items()

@@ -190,6 +190,12 @@ def setup_speech_llm(cfg: Any) -> ModelSetup:
             seed=t.seed,
         )
 
+    distiller = None
+    if cfg.distillation.enabled:  # KL on the response tokens from a trained (uncompressed) SpeechLLM
+        from magnet_asr.training.distillation import build_distiller
+
+        distiller = build_distiller(cfg)
+        collator.keep_ids = True
     return ModelSetup(
         model,
         tokenizer,
@@ -197,4 +203,5 @@ def setup_speech_llm(cfg: Any) -> ModelSetup:
         make_recognizer,
         learning_rates(cfg),
         before_training=warm_up if projector.ctc_warmup_steps > 0 else None,
+        distiller=distiller,
     )

@@ -41,9 +41,11 @@ class MagnetTrainer(Trainer):
         eval_utterances: Sequence[Utterance] = (),
         max_batch_seconds: float | None = None,
         learning_rates: dict[str, float] | None = None,
+        distiller: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.distiller = distiller  # magnet_asr.training.distillation.Distiller, or None
         # compute_loss returns the model's mean loss; the Trainer must scale it for accumulation itself
         self.model_accepts_loss_kwargs = False
         self.make_recognizer = make_recognizer
@@ -96,18 +98,26 @@ class MagnetTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.skipped_samples += int(inputs.pop("num_skipped", 0))
+        # the collator's lists for distillation (training.distillation.BATCH_KEYS), not model inputs
+        extras = {
+            key: inputs.pop(key) for key in ("utterance_ids", "audio_paths", "waveforms") if key in inputs
+        }
         if "input_features" not in inputs and "input_ids" not in inputs:  # the whole batch was bad
             self.skipped_batches += 1
             loss = torch.zeros((), device=self.args.device, requires_grad=True)
             return (loss, None) if return_outputs else loss
         outputs = model(**inputs)
-        loss = outputs.loss
+        loss, parts = outputs.loss, {}
+        if self.distiller is not None and extras:
+            loss, parts = self.distiller.loss(outputs, {**inputs, **extras})
         if not torch.isfinite(loss):
             # A NaN/Inf here would poison every weight through the optimizer; drop the batch instead.
             self.skipped_batches += 1
             loss = torch.zeros((), device=loss.device, requires_grad=True)
         else:
             self._record(outputs)
+            for key, value in parts.items():
+                self._window[key].append(float(value.detach()))
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, outputs: Any) -> None:
