@@ -44,7 +44,9 @@ def test_magnet_whisper_with_a_uniform_predictor_saves_reloads_and_compresses(tm
     from magnet_asr.models import MagnetWhisper, MagnetWhisperConfig
 
     settings = {"variant": "uniform", "prior": 1 / 3, "loss": [], "target": "fixed"}
-    model = MagnetWhisper(MagnetWhisperConfig(**TINY_WHISPER, predictor_layers=[1], predictor_settings=settings))
+    model = MagnetWhisper(
+        MagnetWhisperConfig(**TINY_WHISPER, predictor_layers=[1], predictor_settings=settings)
+    )
     model.save_pretrained(tmp_path)
     reloaded = MagnetWhisper.from_pretrained(tmp_path).eval()
     features, mask = torch.randn(2, 8, 60), torch.ones(2, 60, dtype=torch.long)

@@ -16,11 +16,20 @@ from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 
-def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``(B, L)`` 1/0 key mask -> ``(B, 1, 1, L)`` additive mask (0 for real keys, dtype-min for padding)."""
+def additive_mask(
+    mask: torch.Tensor | None, dtype: torch.dtype, sizes: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``(B, L)`` 1/0 key mask -> ``(B, 1, 1, L)`` additive mask (0 for real keys, dtype-min for padding).
+
+    ``sizes (B, L)``: frames behind each key; adds ``log(size)`` to real keys (proportional attention,
+    Bolya et al. 2023, "Token Merging"): a segment of ``n`` alike frames then draws the attention those
+    ``n`` frames drew, so pooling changes what a pretrained layer attends to as little as it can.
+    """
     if mask is None:
         return None
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    if sizes is not None:
+        bias = bias + sizes.to(dtype).clamp_min(1.0).log()
     bias = bias.masked_fill(mask == 0, torch.finfo(dtype).min)
     return bias[:, None, None, :]
 

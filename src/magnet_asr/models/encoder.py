@@ -36,7 +36,8 @@ class MagnetEncoderOutput(BaseModelOutput):
     """Encoder output; ``encoder_attention_mask`` (B, S) marks real segments for cross-attention.
 
     ``frames_before`` / ``frames_after`` (B,): real encoder frames before the first predictor (after the
-    conv stem) and after the last one. ``boundary_loss``: summed, weighted predictor losses (training).
+    conv stem) and after the last one. ``segment_sizes`` (B, S): stem frames behind each output vector
+    (0 on padding), for proportional attention. ``boundary_loss``: summed, weighted predictor losses (training).
 
     With ``num_boundary_samples = K > 0`` (reinforcement learning, :mod:`magnet_asr.training.grpo`) every
     per-sample tensor has ``K * B`` rows, input-major (row ``i * K + k`` is draw ``k`` of input ``i``);
@@ -45,6 +46,7 @@ class MagnetEncoderOutput(BaseModelOutput):
     """
 
     encoder_attention_mask: torch.Tensor | None = None
+    segment_sizes: torch.Tensor | None = None
     frames_before: torch.Tensor | None = None
     frames_after: torch.Tensor | None = None
     boundary_loss: torch.Tensor | None = None
@@ -170,13 +172,16 @@ class MagnetWhisperEncoder(nn.Module):
         losses: list[torch.Tensor] = []
         inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         sampling = {"num_samples": num_boundary_samples, "inputs": inputs}
+        sizes = None if mask is None else mask.to(hidden.dtype)
+        proportional = bool(getattr(self.config, "proportional_attention", False))
         for index, layer in enumerate(self.layers):
-            hidden, mask = self._maybe_pool(
-                index, hidden, mask, target_counts, boundary_outputs, losses, **sampling
+            hidden, mask, sizes = self._pool_step(
+                index, hidden, mask, sizes, target_counts, boundary_outputs, losses, sampling
             )
-            hidden = layer(hidden, additive_mask(mask, hidden.dtype), **self._rope_kwargs(hidden))
-        hidden, mask = self._maybe_pool(
-            len(self.layers), hidden, mask, target_counts, boundary_outputs, losses, **sampling
+            bias = additive_mask(mask, hidden.dtype, sizes if proportional else None)
+            hidden = layer(hidden, bias, **self._rope_kwargs(hidden))
+        hidden, mask, sizes = self._pool_step(
+            len(self.layers), hidden, mask, sizes, target_counts, boundary_outputs, losses, sampling
         )
         hidden = apply_mask(self.layer_norm(hidden), mask)
         log_prob = None
@@ -187,6 +192,7 @@ class MagnetWhisperEncoder(nn.Module):
         return MagnetEncoderOutput(
             last_hidden_state=hidden,
             encoder_attention_mask=mask,
+            segment_sizes=sizes,
             frames_before=frames_before,
             frames_after=frames_after,
             boundary_loss=torch.stack(losses).sum() if losses else None,
@@ -194,6 +200,20 @@ class MagnetWhisperEncoder(nn.Module):
             boundary_log_prob=log_prob,
             predictor_inputs=tuple(inputs) if num_boundary_samples else None,
         )
+
+    def _pool_step(self, index, hidden, mask, sizes, target_counts, boundary_outputs, losses, sampling):
+        """``_maybe_pool`` plus the stem frames behind each vector (summed per segment when it pools)."""
+        pooled, new_mask = self._maybe_pool(
+            index, hidden, mask, target_counts, boundary_outputs, losses, **sampling
+        )
+        if new_mask is mask:  # no predictor here
+            return pooled, new_mask, sizes
+        out = boundary_outputs[-1]
+        if sizes is None:
+            sizes = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
+        if sizes.shape[0] != out.boundaries.shape[0]:  # rows repeated by a sampling predictor
+            sizes = sizes.repeat_interleave(out.boundaries.shape[0] // sizes.shape[0], dim=0)
+        return pooled, new_mask, segment_sizes(sizes, out.boundaries.detach(), out.mask, pooled.shape[1])
 
     def _maybe_pool(
         self, index, hidden, mask, target_counts, boundary_outputs, losses, num_samples=0, inputs=None
@@ -225,6 +245,16 @@ class MagnetWhisperEncoder(nn.Module):
         if out.loss is not None:
             losses.append(out.loss)
         return out.pooled, out.pooled_mask
+
+
+def segment_sizes(
+    sizes: torch.Tensor, boundaries: torch.Tensor, real: torch.Tensor, num_segments: int
+) -> torch.Tensor:
+    """``(B, S)`` summed ``sizes (B, L)`` of each segment's real frames (``boundaries`` mark segment ends)."""
+    hard = (boundaries > 0.5) & real.bool()
+    segment = (torch.cumsum(hard.long(), dim=1) - hard.long()).clamp(max=max(num_segments - 1, 0))
+    weights = sizes * real.to(sizes.dtype)
+    return sizes.new_zeros(sizes.shape[0], num_segments).scatter_add_(1, segment, weights)
 
 
 def init_own_parameters(model: nn.Module) -> None:

@@ -42,6 +42,9 @@ class MagnetWhisperConfig(WhisperConfig):
     boundary_loss_weight: weight of the predictors' losses added to the ASR loss.
     position_encoding: ``learned`` (Whisper's embeddings sliced to the input) or ``rope``.
     extra_conv_strides: fixed-stride convolutions after the conv stem (a fixed-rate baseline).
+    proportional_attention: every attention that reads pooled segments (later encoder layers, decoder
+        cross-attention) adds ``log(frames in the segment)`` to its logits (Token Merging, Bolya et al.
+        2023), so a segment of alike frames draws the attention its frames drew in the pretrained model.
     """
 
     model_type = "magnet_whisper"
@@ -54,9 +57,11 @@ class MagnetWhisperConfig(WhisperConfig):
         position_encoding: str = "learned",
         rope_theta: float = 10_000.0,
         extra_conv_strides: list[int] | None = None,
+        proportional_attention: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.proportional_attention = bool(proportional_attention)
         self.predictor_layers = sorted(int(k) for k in (predictor_layers or []))
         self.predictor_settings = dict(predictor_settings or {})
         self.boundary_loss_weight = float(boundary_loss_weight)
@@ -112,9 +117,12 @@ class MagnetWhisperDecoder(WhisperDecoder):
         inputs_embeds=None,
         position_ids=None,
         use_cache=None,
+        encoder_segment_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
-        """As ``WhisperDecoder.forward``; ``encoder_attention_mask (B, S)`` masks padded encoder segments."""
+        """As ``WhisperDecoder.forward``; ``encoder_attention_mask (B, S)`` masks padded encoder segments,
+        ``encoder_segment_sizes (B, S)`` (frames per segment) biases cross-attention when the config asks
+        for proportional attention."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
@@ -146,7 +154,8 @@ class MagnetWhisperDecoder(WhisperDecoder):
             past_key_values=past_key_values,
             position_ids=position_ids,
         )
-        cross_mask = additive_mask(encoder_attention_mask, hidden.dtype)
+        sizes = encoder_segment_sizes if self.config.proportional_attention else None
+        cross_mask = additive_mask(encoder_attention_mask, hidden.dtype, sizes)
         for layer in self.layers:
             hidden = self._run_layer(
                 layer,
@@ -342,6 +351,7 @@ class MagnetWhisper(WhisperForConditionalGeneration):
             attention_mask=decoder_attention_mask,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=getattr(encoder_outputs, "encoder_attention_mask", None),
+            encoder_segment_sizes=getattr(encoder_outputs, "segment_sizes", None),
             past_key_values=past_key_values,
             inputs_embeds=decoder_inputs_embeds,
             position_ids=decoder_position_ids,
@@ -390,6 +400,7 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         return MagnetEncoderOutput(
             last_hidden_state=out.last_hidden_state,
             encoder_attention_mask=out.encoder_attention_mask,
+            segment_sizes=out.segment_sizes,
             frames_before=out.frames_before,
             frames_after=out.frames_after,
             boundary_outputs=out.boundary_outputs,

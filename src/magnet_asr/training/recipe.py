@@ -96,7 +96,9 @@ def encoder_settings(cfg: Any) -> dict[str, Any]:
     }
     if cfg.compressor.enabled:
         settings.update(
-            predictor_layers=list(cfg.compressor.layers), predictor_settings=predictor_settings(cfg)
+            predictor_layers=list(cfg.compressor.layers),
+            predictor_settings=predictor_settings(cfg),
+            proportional_attention=cfg.compressor.proportional_attention,
         )
     return settings
 
