@@ -39,9 +39,8 @@ def test_uniform_predictor_pools_the_same_in_training_and_eval(training):
 
 
 def test_magnet_whisper_with_a_uniform_predictor_saves_reloads_and_compresses(tmp_path):
-    from tiny import TINY_WHISPER
-
     from magnet_asr.models import MagnetWhisper, MagnetWhisperConfig
+    from tiny import TINY_WHISPER
 
     settings = {"variant": "uniform", "prior": 1 / 3, "loss": [], "target": "fixed"}
     model = MagnetWhisper(

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from tiny import TINY_WHISPER
 
 from magnet_asr.models import MagnetWhisper, MagnetWhisperConfig
 from magnet_asr.models.encoder import segment_sizes
+from tiny import TINY_WHISPER
 
 
 def _model(**settings) -> MagnetWhisper:
