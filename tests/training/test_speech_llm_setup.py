@@ -229,5 +229,7 @@ def test_speech_llm_distillation_needs_a_speech_llm_teacher(sources):
     whisper, _ = sources
     with pytest.raises(ValueError, match="cannot teach"):
         setup_speech_llm(
-            _config(sources, "speech_llm_demo", "distillation.enabled=true", f"distillation.teacher={whisper}")
+            _config(
+                sources, "speech_llm_demo", "distillation.enabled=true", f"distillation.teacher={whisper}"
+            )
         )
