@@ -192,6 +192,7 @@ def test_ctc_warmup_without_a_ctc_head_is_a_config_error(sources):
 
 def test_speech_llm_distils_response_tokens_from_a_speech_llm_run(sources, tmp_path):
     from magnet_asr.data.collator import SpeechDataset
+    from magnet_asr.training.distillation import BATCH_KEYS
 
     torch.manual_seed(0)
     teacher_setup = setup_speech_llm(_config(sources, "speech_llm_demo"))
@@ -209,7 +210,7 @@ def test_speech_llm_distils_response_tokens_from_a_speech_llm_run(sources, tmp_p
             setup.model.load_state_dict(teacher_setup.model.state_dict())
         batch = setup.collator(items)
         batch.pop("num_skipped")
-        inputs = {k: v for k, v in batch.items() if k not in ("utterance_ids", "audio_paths", "waveforms")}
+        inputs = {k: v for k, v in batch.items() if k not in BATCH_KEYS}
         outputs = setup.model.eval()(**inputs)
         return setup, setup.distiller.loss(outputs, batch)
 

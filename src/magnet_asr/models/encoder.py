@@ -203,11 +203,11 @@ class MagnetWhisperEncoder(nn.Module):
 
     def _pool_step(self, index, hidden, mask, sizes, target_counts, boundary_outputs, losses, sampling):
         """``_maybe_pool`` plus the stem frames behind each vector (summed per segment when it pools)."""
+        if str(index) not in self.predictors:
+            return hidden, mask, sizes
         pooled, new_mask = self._maybe_pool(
             index, hidden, mask, target_counts, boundary_outputs, losses, **sampling
         )
-        if new_mask is mask:  # no predictor here
-            return pooled, new_mask, sizes
         out = boundary_outputs[-1]
         if sizes is None:
             sizes = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)

@@ -26,6 +26,7 @@ from transformers import Trainer
 
 from magnet_asr.data.manifest import Utterance
 from magnet_asr.data.sampler import DurationBatchSampler
+from magnet_asr.training.distillation import BATCH_KEYS
 
 if TYPE_CHECKING:
     from magnet_asr.data.collator import SpeechDataset
@@ -98,10 +99,8 @@ class MagnetTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.skipped_samples += int(inputs.pop("num_skipped", 0))
-        # the collator's lists for distillation (training.distillation.BATCH_KEYS), not model inputs
-        extras = {
-            key: inputs.pop(key) for key in ("utterance_ids", "audio_paths", "waveforms") if key in inputs
-        }
+        # the collator's lists for distillation, not model inputs
+        extras = {key: inputs.pop(key) for key in BATCH_KEYS if key in inputs}
         if "input_features" not in inputs and "input_ids" not in inputs:  # the whole batch was bad
             self.skipped_batches += 1
             loss = torch.zeros((), device=self.args.device, requires_grad=True)
