@@ -165,18 +165,21 @@ def test_teacher_runs_once_per_utterance_with_the_cache(tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio")
     utterances.append(Utterance("bad", str(bad), "broken", 1.0))
+    long = tmp_path / "long.wav"  # over max_seconds: skipped as training skips it, never fed to the teacher
+    sf.write(long, np.zeros(16_000 * 2, dtype=np.float32) + 0.01, 16_000)
+    utterances.append(Utterance("long", str(long), "too long", 2.0))
     cache = TeacherCache(tmp_path / "cache", "tiny", top_k=4)
     distiller = Distiller(cache, "tiny", batch_size=2, teacher=teacher)
     WhisperTeacher.__call__ = counting  # type: ignore[method-assign]
     try:
-        report = distiller.prepare(utterances, _Collator())
+        report = distiller.prepare(utterances, _Collator(), max_seconds=1.0)
         first = (report.computed, report.reused, report.skipped)
-        report = distiller.prepare(utterances, _Collator())  # the report adds up over calls
+        report = distiller.prepare(utterances, _Collator(), max_seconds=1.0)  # the report adds up
         second = (report.computed - first[0], report.reused - first[1], report.skipped - first[2])
     finally:
         WhisperTeacher.__call__ = original  # type: ignore[method-assign]
     assert sum(calls) == 5  # every good utterance once, none again
-    assert first == (5, 0, 1) and second == (0, 5, 1)
+    assert first == (5, 0, 2) and second == (0, 5, 2)
     entry = cache.load(cache.key("u2", str(tmp_path / "u2.wav"), _Collator().label_ids("text 2")))
     assert entry is not None and entry.encoder.dtype == torch.float16
     assert entry.encoder.shape[0] == (6000 // 160 + 1) // 2 and entry.ids.shape == (3, 4)

@@ -338,21 +338,28 @@ class Distiller:
     report: CacheReport | None = None
 
     # --- filling the cache --------------------------------------------------------------------------
-    def prepare(self, utterances: Sequence[Utterance], collator: Any, accelerator: Any = None) -> CacheReport:
+    def prepare(
+        self,
+        utterances: Sequence[Utterance],
+        collator: Any,
+        accelerator: Any = None,
+        max_seconds: float | None = 30.0,
+    ) -> CacheReport:
         """Fill the cache ahead of training (``distillation.prefill``) for every utterance not in it yet.
 
         Without it, training computes missing entries as it meets them (:meth:`loss`); filling first
         costs the teacher on utterances ``max_steps`` may never draw, but keeps step times even.
         Under several processes each rank fills its own shard, then all wait, so every rank finds every
         entry afterwards; bad audio is skipped and counted, as in training. ``collator`` is the run's
-        (with ``keep_ids``), so the labels and keys are exactly those training looks up.
+        (with ``keep_ids``), so the labels and keys are exactly those training looks up; ``max_seconds``
+        is the run's ``data.max_seconds``, so clips training skips are skipped here too.
         """
         from magnet_asr.data.collator import SpeechDataset
 
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         report = self.report = self.report or CacheReport()
         report.utterances += len(utterances)
-        dataset = SpeechDataset(list(utterances)[rank::world], max_seconds=None)
+        dataset = SpeechDataset(list(utterances)[rank::world], max_seconds=max_seconds)
         progress = tqdm(total=len(dataset), desc="teacher cache", unit="utt", disable=rank != 0)
         for begin in range(0, len(dataset), self.batch_size):
             items = [dataset[i] for i in range(begin, min(begin + self.batch_size, len(dataset)))]

@@ -304,7 +304,7 @@ def train(cfg: Any) -> dict[str, Any]:
     # a resumed run's checkpoint already holds what before_training produced
     prepared = setup.before_training(trainer) if setup.before_training and not resume else None
     if setup.distiller is not None and cfg.distillation.prefill:
-        setup.distiller.prepare(data.train, setup.collator, trainer.accelerator)
+        setup.distiller.prepare(data.train, setup.collator, trainer.accelerator, cfg.data.max_seconds)
     trainer.train(resume_from_checkpoint=resume)
     final_dir = output_dir / "final"
     trainer.save_model(str(final_dir))
