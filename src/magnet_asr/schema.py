@@ -46,6 +46,9 @@ class CompressorConfig:
     # threshold: the eval decision in training too, straight-through on p (H-Net)
     train_sampling: str = "gumbel"
     repulsion_distance: int = 2
+    # weight (beside `loss`, weight 1) of the predictor's `phones` loss: cross-entropy toward the true
+    # phone ends where the data has them (flite synth utterances), split up to the target count; 0 = off
+    phone_supervision_weight: float = 0.0
     input_norm: bool = True  # LayerNorm before the mlp predictor (Whisper's activations are large)
     # attention that reads pooled segments adds log(segment frames) to its logits (Token Merging); off:
     # on magnet_demo it was worse (validation WER 0.94 vs 0.36 at step 250, 2026-12-01)

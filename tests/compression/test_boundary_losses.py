@@ -112,3 +112,21 @@ def test_losses_reject_bad_arguments() -> None:
         binomial_count_loss(torch.zeros(1, 4), None)
     with pytest.raises(ValueError, match="do not match"):
         ratio_loss(torch.zeros(1, 4), torch.zeros(1, 5), None, prior=0.2)
+
+
+def test_phone_boundary_loss_counts_only_known_free_positions() -> None:
+    from magnet_asr.compression import phone_boundary_loss
+
+    logits = torch.tensor([[4.0, -4.0, 4.0, 0.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([[1.0, 0.0, 0.0, 1.0], [-1.0, -1.0, -1.0, -1.0]])  # row 2: no phone times
+    free = torch.tensor([[True, True, True, False], [True, True, True, False]])  # last frame forced
+    loss = phone_boundary_loss(logits, targets, free)
+    # known & free: (0, 0) right, (0, 1) right, (0, 2) wrong, each BCE with logits 4
+    expected = (2 * math.log1p(math.exp(-4.0)) + math.log1p(math.exp(4.0))) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert logits.grad is not None and logits.grad[1].abs().sum() == 0 and logits.grad[0, 3] == 0
+    nothing = phone_boundary_loss(logits, torch.full_like(targets, -1.0), free)
+    assert nothing.item() == 0.0 and nothing.requires_grad
+    with pytest.raises(ValueError, match="differ"):
+        phone_boundary_loss(logits, targets[:, :3], free)

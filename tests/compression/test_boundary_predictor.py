@@ -256,3 +256,39 @@ def test_low_precision_hidden_keeps_its_dtype() -> None:
 def test_wrong_width_is_rejected() -> None:
     with pytest.raises(ValueError, match="hidden must be"):
         predictor()(torch.zeros(2, 5, DIM + 1), None)
+
+
+def test_phones_loss_learns_where_true_boundaries_are() -> None:
+    # frames carry a marker channel on true phone ends; only the `phones` loss says where they are
+    torch.manual_seed(0)
+    config = BoundaryPredictorConfig(
+        hidden_size=8, loss=("phones",), train_sampling="threshold", target="fixed", prior=0.25
+    )
+    predictor = BoundaryPredictor(config)
+    hidden = torch.randn(4, 20, 8)
+    ends = [[3, 7, 12, 19], [4, 9, 19], [2, 5, 8, 13, 16, 19], [6, 19]]
+    phones = torch.zeros(4, 20)
+    for row, frames in enumerate(ends):
+        phones[row, frames] = 1.0
+    hidden[..., 0] = 3.0 * phones
+    optimizer = torch.optim.Adam(predictor.parameters(), lr=0.01)
+    # target counts at the phone counts: no splits, the targets are the phone ends themselves
+    counts = phones.sum(1)
+    first = None
+    for _ in range(150):
+        out = predictor(hidden, None, target_counts=counts, phone_boundaries=phones)
+        first = out.losses["phones"].item() if first is None else first
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert out.losses["phones"].item() < 0.1 * first
+    predictor.eval()
+    assert torch.equal(predictor(hidden).boundaries, phones)
+    # rows without phone times (negative) add nothing; without phone_boundaries the term is 0
+    unknown = predictor.train()(
+        hidden, None, target_counts=counts, phone_boundaries=torch.full_like(phones, -1.0)
+    )
+    assert unknown.losses["phones"].item() == 0.0
+    assert predictor(hidden, None, target_counts=counts).losses["phones"].item() == 0.0
+    with pytest.raises(ValueError, match="stem"):
+        predictor(hidden, None, target_counts=counts, phone_boundaries=phones[:, :10])

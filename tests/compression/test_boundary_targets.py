@@ -73,3 +73,38 @@ def test_scheduled_counts_go_from_every_frame_to_the_final_counts() -> None:
     assert scheduled_counts(frames, final, 0.5).tolist() == pytest.approx([100 / 3, 15.0])
     with pytest.raises(ValueError, match="fraction"):
         scheduled_counts(frames, final, 1.5)
+
+
+def test_phone_boundary_frames_round_to_the_frame_that_ends_nearest() -> None:
+    from magnet_asr.compression.targets import phone_boundary_frames
+
+    # frame t ends at (t + 1) * 20 ms: 0.06 s -> frame 2; 0.101 s -> 0.1 s -> frame 4; duplicates merge;
+    # times past the end clamp to the last frame, which is always included
+    assert phone_boundary_frames([0.06, 0.101, 0.099, 5.0], 10, 0.02) == [2, 4, 9]
+    assert phone_boundary_frames([], 3, 0.02) == [2]
+    assert phone_boundary_frames([0.5], 0, 0.02) == []
+
+
+def test_supervised_boundaries_keep_phone_ends_and_halve_the_longest_segments() -> None:
+    from magnet_asr.compression.targets import supervised_boundaries
+
+    # segments [0..3] (4 frames) and [4..9] (6 frames): the 6-frame one is cut first, in its middle
+    assert supervised_boundaries([3, 9], 10, 2) == [3, 9]
+    assert supervised_boundaries([3, 9], 10, 3) == [3, 6, 9]
+    assert supervised_boundaries([3, 9], 10, 4) == [1, 3, 6, 9]
+    # a target below the phone count keeps every phone end; one at the frame count is 1x
+    assert supervised_boundaries([1, 3, 6, 9], 10, 2) == [1, 3, 6, 9]
+    assert supervised_boundaries([9], 10, 10) == list(range(10))
+    assert supervised_boundaries([9], 10, 50) == list(range(10))
+    with pytest.raises(ValueError, match="last frame 9"):
+        supervised_boundaries([3], 10, 4)
+
+
+def test_reference_boundaries_drop_the_file_end_and_silence_runs() -> None:
+    from magnet_asr.compression.targets import reference_boundaries
+
+    phones = ["pau", "pau", "h", "ay", "pau"]
+    ends = [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert reference_boundaries(phones, ends) == [0.2, 0.3, 0.4]
+    with pytest.raises(ValueError, match="differ in length"):
+        reference_boundaries(phones, ends[:-1])

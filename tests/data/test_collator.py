@@ -23,3 +23,19 @@ def test_no_target_counts_for_fixed_rate_or_no_predictor() -> None:
 def test_non_positive_boundaries_per_unit_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="boundaries_per_unit"):
         collate_target_counts(TEXTS, "syllable", num_predictors=1, per_unit=0.0)
+
+
+def test_phone_boundaries_on_stem_frames_unknown_without_phone_times() -> None:
+    from magnet_asr.data.collator import collate_phone_boundaries
+
+    items = [
+        # phone ends 0.06 s (frame 2) and 0.1 s (frame 4); the file's end is the last frame
+        {"phones": ["pau", "h", "ay"], "phone_ends": [0.06, 0.1, 0.2]},
+        {},  # no phone times: every frame unknown
+    ]
+    out = collate_phone_boundaries(items, [20, 13])  # 100 mel frames/s -> 10 and 7 stem frames
+    assert out.shape == (2, 10)
+    assert out[0].tolist() == [0, 0, 1, 0, 1, 0, 0, 0, 0, 1]
+    assert (out[1] == -1).all()
+    short = collate_phone_boundaries([items[0], items[0]], [20, 13])[1]
+    assert short[:7].tolist() == [0, 0, 1, 0, 1, 0, 1] and (short[7:] == -1).all()

@@ -165,3 +165,25 @@ def test_post_init_keeps_the_predictors_own_initialization(tiny_model, tiny_conf
     strided = tiny_model(extra_conv_strides=[2])
     weight = strided.model.encoder.extra_convs[0].conv.weight
     assert torch.equal(weight[:, :, 0], torch.eye(32) / 2) and torch.equal(weight[:, :, 1], torch.eye(32) / 2)
+
+
+def test_phone_boundaries_reach_the_first_predictor_only(ragged_batch, tiny_model):
+    settings = {**PHONEME, "loss": ["binomial", "phones"], "loss_weights": [1.0, 1.0]}
+    model = tiny_model(predictor_layers=[1, 2], predictor_settings=settings).train()
+    feats, mask, _, tokens = ragged_batch
+    phones = torch.full((3, 30), -1.0)  # 60 mel frames -> 30 stem frames; row 1 and 2 unknown
+    phones[0] = 0.0
+    phones[0, [4, 9, 17, 29]] = 1.0
+    out = model(
+        input_features=feats,
+        attention_mask=mask,
+        labels=tokens,
+        target_counts=torch.tensor([[9.0, 6.0, 3.0], [5.0, 4.0, 2.0]]),
+        phone_boundaries=phones,
+    )
+    first, second = out.boundary_outputs
+    assert first.losses["phones"].item() > 0
+    assert second.losses["phones"].item() == 0.0  # pooled frames: no phone times at that rate
+    first.losses["phones"].backward(retain_graph=True)
+    predictor = model.model.encoder.predictors["1"]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in predictor.parameters())

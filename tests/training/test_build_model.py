@@ -38,3 +38,15 @@ def test_a_compressor_that_disagrees_with_the_checkpoint_is_a_clear_error(checkp
     cfg = load_run_config(["+experiments=magnet_demo", f"encoder.name={checkpoint}", override])
     with pytest.raises(ValueError, match="make them agree"):
         build_magnet_whisper(cfg)
+
+
+def test_phone_supervision_adds_the_phones_loss_and_the_collator_field():
+    from magnet_asr.training.recipe import predictor_settings
+
+    cfg = load_run_config(["+experiments=magnet_demo", "compressor.phone_supervision_weight=0.5"])
+    settings = predictor_settings(cfg)
+    assert settings["loss"] == ["binomial", "phones"] and settings["loss_weights"] == [1.0, 0.5]
+    off = predictor_settings(
+        load_run_config(["+experiments=magnet_demo", "compressor.phone_supervision_weight=0"])
+    )
+    assert off["loss"] == ["binomial"] and off["loss_weights"] == [1.0]

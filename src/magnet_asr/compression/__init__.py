@@ -10,7 +10,7 @@ masks 1 = real frame, ``boundaries[b, t] = 1`` marks the last frame of a segment
 """
 
 from .config import BoundaryPredictorConfig
-from .losses import binomial_count_loss, ratio_loss, repulsion_loss
+from .losses import binomial_count_loss, phone_boundary_loss, ratio_loss, repulsion_loss
 from .monitoring import boundary_rates, segment_lengths, summarize_boundaries, summarize_output
 from .pooling import AttentionPooling, downsample, segment_plan, segment_pool, upsample
 from .predictor import BoundaryOutput, BoundaryPredictor, group_samples, sinusoidal_positions
@@ -26,6 +26,7 @@ __all__ = [
     "downsample",
     "fixed_rate_counts",
     "group_samples",
+    "phone_boundary_loss",
     "ratio_loss",
     "repulsion_loss",
     "scheduled_counts",

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import BoundaryPredictorConfig
-from .losses import binomial_count_loss, ratio_loss, repulsion_loss
+from .losses import binomial_count_loss, phone_boundary_loss, ratio_loss, repulsion_loss
 from .pooling import AttentionPooling, frame_mask, last_real_frame, segment_plan, segment_pool
+from .targets import UNKNOWN, supervised_boundaries
 
 __all__ = [
     "BoundaryOutput",
@@ -201,18 +202,25 @@ class BoundaryPredictor(nn.Module):
 
     # ---- public API ----------------------------------------------------------------------------
     def forward(
-        self, hidden: Tensor, mask: Tensor | None = None, target_counts: Tensor | None = None
+        self,
+        hidden: Tensor,
+        mask: Tensor | None = None,
+        target_counts: Tensor | None = None,
+        phone_boundaries: Tensor | None = None,
     ) -> BoundaryOutput:
         """Boundaries, pooled segments and boundary loss for ``hidden (B, L, D)``, ``mask (B, L)``.
 
         ``target_counts (B,)`` (phoneme / syllable counts, see :mod:`.targets`) are required in
         training when ``config.target`` is not ``'fixed'``; without them the loss aims at ``prior``.
+        ``phone_boundaries (B, L)``: 1 on frames that end a true phone, 0 on the others, negative on
+        rows without phone times and on padding; the ``phones`` loss trains toward them (split up to the
+        target counts, :func:`~magnet_asr.compression.targets.supervised_boundaries`).
         """
         real = self._check(hidden, mask)
         forced = last_real_frame(real)
         logits = self.boundary_logits(hidden, real)
         boundaries = self._decide(logits, real, forced)
-        return self._finish(hidden, real, forced, logits, boundaries, target_counts)
+        return self._finish(hidden, real, forced, logits, boundaries, target_counts, phone_boundaries)
 
     def sample(
         self,
@@ -261,6 +269,7 @@ class BoundaryPredictor(nn.Module):
         logits: Tensor,
         boundaries: Tensor,
         target_counts: Tensor | None,
+        phone_boundaries: Tensor | None = None,
     ) -> BoundaryOutput:
         free = real & ~forced
         probs = torch.sigmoid(logits).masked_fill(~real, 0.0).masked_fill(forced, 1.0)
@@ -278,6 +287,15 @@ class BoundaryPredictor(nn.Module):
         num_positions = real.sum(dim=1)
         counts = self._target_counts(num_positions, target_counts)
         losses = self._losses(boundaries, probs, real, counts)
+        if "phones" in self.config.loss:
+            targets = (
+                self.supervised_targets(phone_boundaries, real, counts)
+                if phone_boundaries is not None
+                else None
+            )
+            losses["phones"] = (
+                phone_boundary_loss(logits, targets, free) if targets is not None else logits.sum() * 0.0
+            )
         weights = self.config.loss_weights or ()
         total = sum((w * losses[n] for n, w in zip(self.config.loss, weights)), probs.new_zeros(()))
         return BoundaryOutput(
@@ -316,9 +334,30 @@ class BoundaryPredictor(nn.Module):
                 losses[name] = binomial_count_loss(boundaries, real, target_counts=counts)
             elif name == "ratio":
                 losses[name] = ratio_loss(boundaries, probs, real, target_counts=counts)
-            else:
+            elif name == "repulsion":
                 losses[name] = repulsion_loss(boundaries, real, distance=self.config.repulsion_distance)
         return losses
+
+    @staticmethod
+    def supervised_targets(phone_boundaries: Tensor, real: Tensor, counts: Tensor) -> Tensor:
+        """``(B, L)`` targets of the ``phones`` loss: each known row's phone boundaries split up to its
+        target count (:func:`~magnet_asr.compression.targets.supervised_boundaries`), ``UNKNOWN`` elsewhere."""
+        if phone_boundaries.shape != real.shape:
+            raise ValueError(
+                f"phone_boundaries {tuple(phone_boundaries.shape)} do not match the predictor's frames "
+                f"{tuple(real.shape)}: phone supervision needs a predictor on the encoder stem's frames"
+            )
+        targets = torch.full(real.shape, UNKNOWN, dtype=torch.float32, device=real.device)
+        lengths = real.sum(dim=1).tolist()
+        for row, (n, count) in enumerate(zip(lengths, counts.tolist())):
+            known = phone_boundaries[row, :n]
+            if n == 0 or bool((known < 0).any()):
+                continue
+            phones = (known > 0.5).nonzero().flatten().tolist()
+            ends = supervised_boundaries(sorted({*phones, n - 1}), n, count)
+            targets[row, :n] = 0.0
+            targets[row, ends] = 1.0
+        return targets
 
     def extra_repr(self) -> str:
         c = self.config

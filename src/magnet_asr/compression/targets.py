@@ -7,19 +7,36 @@
 
 Counts are floats clamped to ``[1, num_frames]``: every sample with audio has at least its forced
 final segment, and a predictor cannot place more boundaries than frames. All-padding samples get 0.
+
+Where true phone times exist (the synth corpus's flite utterances, ``phone_ends``), they also give
+*where* boundaries belong: :func:`reference_boundaries` (the rule the boundary metrics score against),
+:func:`phone_boundary_frames` (those times as encoder frames) and :func:`supervised_boundaries` (the
+phone ends plus splits of the longest segments up to a target count: the supervised predictor's target).
 """
 
 from __future__ import annotations
 
+import heapq
 import importlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["fixed_rate_counts", "scheduled_counts", "target_counts", "transcript_counts"]
+__all__ = [
+    "SILENCE",
+    "fixed_rate_counts",
+    "phone_boundary_frames",
+    "reference_boundaries",
+    "scheduled_counts",
+    "supervised_boundaries",
+    "target_counts",
+    "transcript_counts",
+]
 
 UNITS = ("phoneme", "syllable")
+SILENCE = "pau"  # flite's silence phone
+UNKNOWN = -1.0  # a frame without a boundary target (no phone times, or padding)
 
 
 def _frames(num_frames: Tensor | Sequence[int]) -> Tensor:
@@ -101,3 +118,58 @@ def scheduled_counts(num_frames: Tensor | Sequence[int], final_counts: Tensor, f
     final_factor = frames / final.clamp_min(1.0)
     factor = 1.0 + fraction * (final_factor.clamp_min(1.0) - 1.0)
     return _clamp(frames / factor, frames)
+
+
+def reference_boundaries(phones: Sequence[str], phone_ends: Sequence[float]) -> list[float]:
+    """The true boundaries (s) of one utterance: every phone's end except the last (the end of the file)
+    and except the end of a ``pau`` followed by another ``pau`` (a run of silence is one segment).
+
+    ``phones`` and ``phone_ends`` have the same length ``N``; the result has at most ``N - 1`` times.
+    :mod:`magnet_asr.evaluation.boundaries` scores predicted boundaries against these.
+    """
+    if len(phones) != len(phone_ends):
+        raise ValueError(f"phones ({len(phones)}) and phone_ends ({len(phone_ends)}) differ in length")
+    return [
+        float(phone_ends[i])
+        for i in range(len(phones) - 1)
+        if not (phones[i] == SILENCE and phones[i + 1] == SILENCE)
+    ]
+
+
+def phone_boundary_frames(times: Sequence[float], num_frames: int, frame_seconds: float) -> list[int]:
+    """Sorted, distinct frame indices whose frame ends nearest each boundary time (s).
+
+    Frame ``t`` covers ``[t, t+1) * frame_seconds``, so a segment ending at frame ``t`` ends at
+    ``(t + 1) * frame_seconds`` (the boundary metrics' convention): ``t = round(time / frame_seconds) - 1``,
+    clamped to the real frames. The last frame (the forced final boundary) is always included.
+    """
+    if num_frames <= 0:
+        return []
+    frames = {min(max(round(t / frame_seconds) - 1, 0), num_frames - 1) for t in times}
+    frames.add(num_frames - 1)
+    return sorted(frames)
+
+
+def supervised_boundaries(phone_frames: Sequence[int], num_frames: int, count: float) -> list[int]:
+    """Target segment ends: ``phone_frames`` (sorted, ending with ``num_frames - 1``), plus splits until
+    there are ``round(count)`` of them: the longest segment is cut in half, again and again.
+
+    So a target above the phone count (3x where phones alone give ~5x) is met by cutting long phones and
+    silences, never by moving a phone boundary; a target at or below it keeps every phone boundary. At
+    ``count = num_frames`` every frame is a boundary (1x, where a compression curriculum starts).
+    """
+    ends = sorted(set(phone_frames))
+    if not ends or ends[-1] != num_frames - 1:
+        raise ValueError(f"phone_frames must end with the last frame {num_frames - 1}, got {ends[-1:]}")
+    goal = min(int(round(count)), num_frames)
+    # max-heap of segments by length: (-length, start, end); a segment of one frame cannot be cut
+    heap = [(-(end - start + 1), start, end) for start, end in zip([0, *[e + 1 for e in ends[:-1]]], ends)]
+    heapq.heapify(heap)
+    cuts: list[int] = []
+    while len(ends) + len(cuts) < goal and heap and -heap[0][0] > 1:
+        length, start, end = heapq.heappop(heap)
+        middle = start + (-length) // 2 - 1
+        cuts.append(middle)
+        heapq.heappush(heap, (-(middle - start + 1), start, middle))
+        heapq.heappush(heap, (-(end - middle), middle + 1, end))
+    return sorted([*ends, *cuts])

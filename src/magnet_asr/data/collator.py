@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from magnet_asr.audio import AudioError, load_audio, log_mel_spectrogram
+from magnet_asr.audio import (
+    ENCODER_FRAMES_PER_SECOND,
+    ENCODER_STRIDE,
+    AudioError,
+    load_audio,
+    log_mel_spectrogram,
+)
 from magnet_asr.data.manifest import Utterance
 
 
@@ -35,6 +41,8 @@ class SpeechDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         utt = self.utterances[index]
         item: dict[str, Any] = {"id": utt.id, "path": utt.audio, "text": utt.text.strip()}
+        if utt.phones is not None and utt.phone_ends is not None:
+            item["phones"], item["phone_ends"] = utt.phones, utt.phone_ends
         if not item["text"]:
             item["error"] = f"{utt.id}: empty transcript"
             return item
@@ -61,6 +69,24 @@ def pad_sequences(sequences: Sequence[Sequence[int]], value: int) -> torch.Tenso
     out = torch.full((len(sequences), longest), value, dtype=torch.long)
     for i, s in enumerate(sequences):
         out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return out
+
+
+def collate_phone_boundaries(items: Sequence[dict[str, Any]], mel_lengths: Sequence[int]) -> torch.Tensor:
+    """``(B, ceil(T/2))`` true phone ends on encoder-stem frames (50 frames/s): 1 on a frame that ends a
+    phone (:func:`~magnet_asr.compression.targets.reference_boundaries`, the rule the boundary metrics
+    score), 0 on the other real frames; ``-1`` on padding and on every frame of an item without
+    ``phone_ends`` (unknown, not "no boundary"). ``T`` is the longest of ``mel_lengths``."""
+    from magnet_asr.compression.targets import UNKNOWN, phone_boundary_frames, reference_boundaries
+
+    frames = [(n + ENCODER_STRIDE - 1) // ENCODER_STRIDE for n in mel_lengths]
+    out = torch.full((len(items), max(frames)), UNKNOWN)
+    for row, (item, n) in enumerate(zip(items, frames)):
+        if "phone_ends" not in item:
+            continue
+        times = reference_boundaries(item["phones"], item["phone_ends"])
+        out[row, :n] = 0.0
+        out[row, phone_boundary_frames(times, n, 1.0 / ENCODER_FRAMES_PER_SECOND)] = 1.0
     return out
 
 
@@ -102,6 +128,8 @@ class WhisperCollator:
     # also return ``utterance_ids``, ``audio_paths`` and ``waveforms`` (lists): distillation looks up its
     # teacher targets by them (and computes missing ones); the trainer removes them before the forward
     keep_ids: bool = False
+    # also return ``phone_boundaries`` (collate_phone_boundaries) for the predictor's ``phones`` loss
+    phone_boundaries: bool = False
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         good = [it for it in items if "error" not in it]
@@ -117,6 +145,8 @@ class WhisperCollator:
         )
         if counts is not None:
             batch["target_counts"] = counts
+        if self.phone_boundaries:
+            batch["phone_boundaries"] = collate_phone_boundaries(good, [f.shape[-1] for f in feats])
         if self.keep_ids:
             batch["utterance_ids"] = [it["id"] for it in good]
             batch["audio_paths"] = [it["path"] for it in good]

@@ -52,25 +52,11 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from magnet_asr.audio import ENCODER_FRAMES_PER_SECOND
+from magnet_asr.compression.targets import SILENCE, reference_boundaries
 
-SILENCE = "pau"
 TOLERANCE = 0.02  # seconds: one encoder frame at 50 frames/s, as in the phone-segmentation literature
 FRAME_SECONDS = 1.0 / ENCODER_FRAMES_PER_SECOND
 _SLACK = 1e-9  # float rounding: (t + 1) / 50 against times printed with 3 decimals
-
-
-def reference_boundaries(phones: Sequence[str], phone_ends: Sequence[float]) -> list[float]:
-    """The reference boundaries (s) of one utterance: see the module docstring for the rule.
-
-    ``phones`` and ``phone_ends`` have the same length ``N``; the result has at most ``N - 1`` times.
-    """
-    if len(phones) != len(phone_ends):
-        raise ValueError(f"phones ({len(phones)}) and phone_ends ({len(phone_ends)}) differ in length")
-    return [
-        float(phone_ends[i])
-        for i in range(len(phones) - 1)
-        if not (phones[i] == SILENCE and phones[i + 1] == SILENCE)
-    ]
 
 
 def predicted_boundaries(

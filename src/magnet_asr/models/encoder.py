@@ -138,10 +138,13 @@ class MagnetWhisperEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         target_counts: torch.Tensor | None = None,
         num_boundary_samples: int = 0,
+        phone_boundaries: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MagnetEncoderOutput:
         """``input_features (B, n_mels, T)``, ``attention_mask (B, T)`` over mel frames (None = all real),
-        ``target_counts (num_predictors, B)`` per-utterance boundary targets (optional).
+        ``target_counts (num_predictors, B)`` per-utterance boundary targets (optional),
+        ``phone_boundaries (B, ceil(T/2))`` true phone ends on stem frames for the first predictor's
+        ``phones`` loss (:meth:`~magnet_asr.compression.BoundaryPredictor.forward`; optional).
 
         ``num_boundary_samples = K > 0``: the first predictor draws ``K`` Bernoulli boundary sets per input
         (:meth:`~magnet_asr.compression.BoundaryPredictor.sample`), later predictors one per row, so the
@@ -171,7 +174,11 @@ class MagnetWhisperEncoder(nn.Module):
         boundary_outputs: list[BoundaryOutput] = []
         losses: list[torch.Tensor] = []
         inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        sampling = {"num_samples": num_boundary_samples, "inputs": inputs}
+        sampling = {
+            "num_samples": num_boundary_samples,
+            "inputs": inputs,
+            "phone_boundaries": phone_boundaries,
+        }
         sizes = None if mask is None else mask.to(hidden.dtype)
         proportional = bool(getattr(self.config, "proportional_attention", False))
         for index, layer in enumerate(self.layers):
@@ -216,7 +223,16 @@ class MagnetWhisperEncoder(nn.Module):
         return pooled, new_mask, segment_sizes(sizes, out.boundaries.detach(), out.mask, pooled.shape[1])
 
     def _maybe_pool(
-        self, index, hidden, mask, target_counts, boundary_outputs, losses, num_samples=0, inputs=None
+        self,
+        index,
+        hidden,
+        mask,
+        target_counts,
+        boundary_outputs,
+        losses,
+        num_samples=0,
+        inputs=None,
+        phone_boundaries=None,
     ):
         key = str(index)
         if key not in self.predictors:
@@ -240,7 +256,9 @@ class MagnetWhisperEncoder(nn.Module):
             draws = 1 if boundary_outputs else num_samples
             out = predictor.sample(hidden, mask, num_samples=draws, target_counts=targets)
         else:
-            out = predictor(hidden, mask, target_counts=targets)
+            # true phone times are on stem frames: only the first predictor sees frames at that rate
+            phones = None if boundary_outputs else phone_boundaries
+            out = predictor(hidden, mask, target_counts=targets, phone_boundaries=phones)
         boundary_outputs.append(out)
         if out.loss is not None:
             losses.append(out.loss)

@@ -318,10 +318,12 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         target_counts: torch.Tensor | None = None,
         use_cache: bool | None = None,
         num_boundary_samples: int = 0,
+        phone_boundaries: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MagnetWhisperOutput:
         """``input_features (B, n_mels, T)`` at their true length, ``attention_mask (B, T)`` over mel frames,
-        ``labels (B, N)`` with -100 for padding, ``target_counts (num_predictors, B)``.
+        ``labels (B, N)`` with -100 for padding, ``target_counts (num_predictors, B)``, ``phone_boundaries
+        (B, ceil(T/2))`` (true phone ends, :meth:`~magnet_asr.models.encoder.MagnetWhisperEncoder.forward`; training only, optional).
 
         ``num_boundary_samples = K > 0`` (GRPO, :mod:`magnet_asr.training.grpo`): the encoder draws ``K``
         boundary configurations per input in one batched pass; labels and decoder inputs (given per input)
@@ -345,6 +347,7 @@ class MagnetWhisper(WhisperForConditionalGeneration):
                 attention_mask=attention_mask,
                 target_counts=target_counts,
                 num_boundary_samples=num_boundary_samples,
+                phone_boundaries=phone_boundaries,
             )
         decoded = self.model.decoder(
             input_ids=decoder_input_ids,

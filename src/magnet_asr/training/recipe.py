@@ -57,6 +57,11 @@ def _setup_data(cfg: Any) -> DataSplits:
 def predictor_settings(cfg: Any) -> dict[str, Any]:
     """``BoundaryPredictorConfig`` keyword arguments from the ``compressor`` config group."""
     c = cfg.compressor
+    losses = [c.loss] if c.loss else []
+    weights = [1.0] * len(losses)
+    if c.phone_supervision_weight:
+        losses.append("phones")
+        weights.append(float(c.phone_supervision_weight))
     return {
         "variant": c.variant,
         "prior": 1.0 / c.compression,
@@ -64,7 +69,8 @@ def predictor_settings(cfg: Any) -> dict[str, Any]:
         "threshold": c.threshold,
         "pooling": c.pooling,
         "target": c.target,
-        "loss": [c.loss] if c.loss else [],
+        "loss": losses,
+        "loss_weights": weights,
         "loss_weight": c.loss_weight,
         "reembed_positions": c.reembed_positions,
         "train_sampling": c.train_sampling,
@@ -119,6 +125,7 @@ def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
         target=cfg.compressor.target if num_predictors else None,
         num_predictors=num_predictors,
         boundaries_per_unit=cfg.compressor.boundaries_per_unit,
+        phone_boundaries=bool(num_predictors and cfg.compressor.phone_supervision_weight),
     )
     rates = {}
     if cfg.training.predictor_learning_rate is not None:
