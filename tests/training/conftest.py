@@ -61,16 +61,24 @@ def tiny_whisper_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def speech_manifest(tmp_path_factory) -> Path:
-    """12 flite sentences (8 train, 2 validation, 2 test) plus one corrupt train file."""
+    """12 flite sentences (8 train, 2 validation, 2 test) plus one corrupt train file; the train rows
+    have their phone times (``flite -psdur``, as the synth corpus records them)."""
+    from magnet_asr.data.synth import parse_phone_ends
+
     if not shutil.which("flite"):
         pytest.skip("needs flite (apt-get install flite)")
     folder = tmp_path_factory.mktemp("speech")
     rows = []
     for i, text in enumerate(SENTENCES):
         wav = folder / f"u{i:02d}.wav"
-        subprocess.run(["flite", "-t", text, "-o", str(wav)], check=True)
+        printed = subprocess.run(
+            ["flite", "-psdur", "-t", text, "-o", str(wav)], check=True, capture_output=True, text=True
+        ).stdout
         split = "train" if i < 8 else "validation" if i < 10 else "test"
-        rows.append({"id": f"u{i:02d}", "audio": str(wav), "text": text, "duration": 2.0, "split": split})
+        row = {"id": f"u{i:02d}", "audio": str(wav), "text": text, "duration": 2.0, "split": split}
+        if split == "train":
+            row["phones"], row["phone_ends"] = parse_phone_ends(printed)
+        rows.append(row)
     corrupt = folder / "corrupt.wav"
     corrupt.write_bytes(b"RIFF....WAVEjunk" * 8)
     rows.append({"id": "corrupt", "audio": str(corrupt), "text": "broken", "duration": 1.0, "split": "train"})

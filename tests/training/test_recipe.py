@@ -38,7 +38,12 @@ def test_train_end_to_end_skips_bad_samples(
         tiny_whisper_dir,
         speech_manifest,
         out_dir,
-        **{"compressor": "phoneme", "compressor.loss_weight": 1.0, "training.eval_steps": 3},
+        **{
+            "compressor": "phoneme",
+            "compressor.loss_weight": 1.0,
+            "compressor.phone_supervision_weight": 1.0,
+            "training.eval_steps": 3,
+        },
     )
     log = finish(start_training(overrides))
     results = json.loads((out_dir / "results.json").read_text())
@@ -52,6 +57,9 @@ def test_train_end_to_end_skips_bad_samples(
     ]
     assert not list(out_dir.glob(".tmp-checkpoint-*"))
     assert "eval_wer" in log and "boundary_rate_train_0" in log and "compression" in log
+    # each boundary loss term, unweighted; the train rows' phone times reach the phones loss
+    phones = [float(v) for v in re.findall(r"'boundary_phones_0': '?([0-9.e-]+)", log)]
+    assert "boundary_binomial_0" in log and phones and all(v > 0 for v in phones)
     from magnet_asr.models import MagnetWhisper
 
     loaded = MagnetWhisper.from_pretrained(out_dir / "final")

@@ -130,6 +130,8 @@ class MagnetTrainer(Trainer):
             self._counts["frames_before"] += float(before.sum())
             self._counts["frames_after"] += float(after.sum())
         for index, out in enumerate(getattr(outputs, "boundary_outputs", None) or ()):
+            for name, value in out.losses.items():  # each term unweighted: binomial_0, phones_0...
+                self._window[f"boundary_{name}_{index}"].append(float(value.detach()))
             self._counts[f"boundaries_{index}"] += float(out.num_boundaries.sum())
             self._counts[f"positions_{index}"] += float(out.num_positions.sum())
 
