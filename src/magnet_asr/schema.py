@@ -49,6 +49,9 @@ class CompressorConfig:
     # weight (beside `loss`, weight 1) of the predictor's `phones` loss: cross-entropy toward the true
     # phone ends where the data has them (flite synth utterances), split up to the target count; 0 = off
     phone_supervision_weight: float = 0.0
+    # split segments longer than this many frames into near-equal parts, in training and evaluation
+    # (None: no cap); with one boundary per phone, 4 frames (80 ms) pools flite speech ~3x
+    max_segment_frames: int | None = None
     input_norm: bool = True  # LayerNorm before the mlp predictor (Whisper's activations are large)
     # attention that reads pooled segments adds log(segment frames) to its logits (Token Merging); off:
     # on magnet_demo it was worse (validation WER 0.94 vs 0.36 at step 250, 2026-12-01)

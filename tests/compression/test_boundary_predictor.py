@@ -292,3 +292,38 @@ def test_phones_loss_learns_where_true_boundaries_are() -> None:
     assert predictor(hidden, None, target_counts=counts).losses["phones"].item() == 0.0
     with pytest.raises(ValueError, match="stem"):
         predictor(hidden, None, target_counts=counts, phone_boundaries=phones[:, :10])
+
+
+def test_split_long_segments_caps_every_segment_length() -> None:
+    from magnet_asr.compression.predictor import split_long_segments
+
+    b = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0], [0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]]).float()
+    real = torch.tensor([[1] * 10 + [0] * 2, [1] * 7 + [0] * 5]).bool()
+    # 10 frames -> 3 parts (4, 3, 3); segments of 2 and 5 -> 2 stays, 5 -> (3, 2); padding untouched
+    expected = [[0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0], [0, 1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0]]
+    assert split_long_segments(b, real, 4).tolist() == expected
+    assert torch.equal(split_long_segments(b, real, 10), b)  # nothing longer than the cap
+    assert split_long_segments(b, real, 1).sum(1).tolist() == [10, 7]  # 1x
+
+
+def test_max_segment_frames_pools_capped_segments_and_scores_own_decisions() -> None:
+    torch.manual_seed(0)
+    settings = {"hidden_size": 8, "target": "fixed", "prior": 0.1, "train_sampling": "threshold"}
+    free = BoundaryPredictor(BoundaryPredictorConfig(**settings))
+    capped = BoundaryPredictor(BoundaryPredictorConfig(**settings, max_segment_frames=3))
+    capped.load_state_dict(free.state_dict())
+    with torch.no_grad():  # confident "no boundary" everywhere: one segment per sample
+        for p in (free, capped):
+            p.mlp[-1].bias.fill_(-8.0)
+    hidden = torch.randn(2, 12, 8, requires_grad=True)
+    mask = torch.tensor([[1] * 12, [1] * 7 + [0] * 5])
+    a, b = free.train()(hidden, mask), capped.train()(hidden, mask)
+    assert a.num_boundaries.tolist() == [1, 1] and b.num_boundaries.tolist() == [4, 3]
+    assert b.pooled.shape[1] == 4
+    # the count loss judges the predictor's own decisions, identical in both
+    torch.testing.assert_close(a.losses["binomial"], b.losses["binomial"])
+    torch.testing.assert_close(a.log_prob, b.log_prob)
+    b.pooled.sum().backward()
+    assert hidden.grad is not None and capped.mlp[-1].weight.grad is not None
+    with pytest.raises(ValueError, match="max_segment_frames"):
+        BoundaryPredictorConfig(hidden_size=8, max_segment_frames=0)

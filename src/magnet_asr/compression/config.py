@@ -46,6 +46,9 @@ class BoundaryPredictorConfig:
         mlp_hidden_size: inner width of the ``mlp`` variant (default ``hidden_size``).
         dropout: dropout inside the MLP.
         input_norm: LayerNorm on the frames before the ``mlp`` variant (for encoders with large activations).
+        max_segment_frames: split every segment longer than this into near-equal parts (``None``: no
+            cap), in training and evaluation. The predictor's losses see its own decisions, the pooling
+            the split segments: phone-aligned boundaries at a compression below the phone rate.
     """
 
     hidden_size: int
@@ -64,6 +67,7 @@ class BoundaryPredictorConfig:
     mlp_hidden_size: int | None = None
     dropout: float = 0.0
     input_norm: bool = False
+    max_segment_frames: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, str):
@@ -110,6 +114,12 @@ class BoundaryPredictorConfig:
             problems.append("mlp_hidden_size only applies to variant='mlp'")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.max_segment_frames is not None and (
+            not isinstance(self.max_segment_frames, int) or self.max_segment_frames < 1
+        ):
+            problems.append(
+                f"max_segment_frames must be a positive int or None, got {self.max_segment_frames!r}"
+            )
         if problems:
             raise ValueError("invalid BoundaryPredictorConfig: " + "; ".join(problems))
 

@@ -39,6 +39,7 @@ __all__ = [
     "BoundaryPredictor",
     "group_samples",
     "sinusoidal_positions",
+    "split_long_segments",
     "uniform_boundaries",
 ]
 
@@ -105,6 +106,24 @@ def uniform_boundaries(real: Tensor, rate: float) -> Tensor:
     t = torch.arange(real.shape[1], device=real.device).unsqueeze(0)
     ends = ((t + 1) * k) // n.clamp(min=1) > (t * k) // n.clamp(min=1)
     return (ends & real).float()
+
+
+def split_long_segments(boundaries: Tensor, real: Tensor, max_frames: int) -> Tensor:
+    """``(B, L)`` float 0/1: the segment ends of ``boundaries`` plus the cuts that split every segment
+    longer than ``max_frames`` into ``ceil(length / max_frames)`` near-equal parts (as
+    :func:`uniform_boundaries` spaces them). ``real (B, L)`` bool, real frames first; the last real frame
+    must already be a boundary. No gradient: the cuts follow from the boundaries deterministically."""
+    hard = (boundaries.detach() > 0.5) & real
+    t = torch.arange(real.shape[1], device=real.device).unsqueeze(0)
+    segment = torch.cumsum(hard.long(), dim=1) - hard.long()  # index of each frame's segment
+    lengths = torch.zeros(real.shape[0], real.shape[1] + 1, dtype=torch.long, device=real.device)
+    lengths.scatter_add_(1, segment, real.long())
+    starts = torch.cumsum(lengths, dim=1) - lengths
+    n = lengths.gather(1, segment).clamp(min=1)
+    position = t - starts.gather(1, segment)
+    parts = (n + max_frames - 1) // max_frames
+    ends = ((position + 1) * parts) // n > (position * parts) // n
+    return (hard | (ends & real)).float()
 
 
 def _logit(p: float) -> float:
@@ -273,10 +292,14 @@ class BoundaryPredictor(nn.Module):
     ) -> BoundaryOutput:
         free = real & ~forced
         probs = torch.sigmoid(logits).masked_fill(~real, 0.0).masked_fill(forced, 1.0)
-        hard = boundaries.detach()
+        decided = boundaries  # the predictor's own decisions: what its losses and log_prob are about
+        if self.config.max_segment_frames is not None:
+            cuts = split_long_segments(boundaries, real, self.config.max_segment_frames) - boundaries.detach()
+            boundaries = boundaries + cuts  # constant cuts, the decisions' straight-through gradient kept
+        hard = decided.detach()
         # Bernoulli log-likelihood from logits (stable): b log p + (1 - b) log(1 - p) on free positions.
         log_prob = -(F.binary_cross_entropy_with_logits(logits, hard, reduction="none") * free).sum(dim=1)
-        plan = segment_plan(hard, real)
+        plan = segment_plan(boundaries.detach(), real)
         scores = self.attention.scores(hidden) if self.attention is not None else None
         pooled, pooled_mask = segment_pool(hidden, boundaries, real, scores=scores, plan=plan)
         if self.config.reembed_positions:
@@ -286,7 +309,7 @@ class BoundaryPredictor(nn.Module):
             )
         num_positions = real.sum(dim=1)
         counts = self._target_counts(num_positions, target_counts)
-        losses = self._losses(boundaries, probs, real, counts)
+        losses = self._losses(decided, probs, real, counts)
         if "phones" in self.config.loss:
             targets = (
                 self.supervised_targets(phone_boundaries, real, counts)

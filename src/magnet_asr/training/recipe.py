@@ -76,6 +76,7 @@ def predictor_settings(cfg: Any) -> dict[str, Any]:
         "train_sampling": c.train_sampling,
         "repulsion_distance": c.repulsion_distance,
         "input_norm": c.input_norm and c.variant == "mlp",
+        "max_segment_frames": c.max_segment_frames,
     }
 
 
