@@ -327,3 +327,22 @@ def test_max_segment_frames_pools_capped_segments_and_scores_own_decisions() -> 
     assert hidden.grad is not None and capped.mlp[-1].weight.grad is not None
     with pytest.raises(ValueError, match="max_segment_frames"):
         BoundaryPredictorConfig(hidden_size=8, max_segment_frames=0)
+
+
+def test_known_phone_times_set_the_count_target() -> None:
+    config = BoundaryPredictorConfig(
+        hidden_size=8, loss=("binomial", "phones"), loss_weights=(1.0, 1.0), target="phoneme"
+    )
+    predictor = BoundaryPredictor(config).train()
+    phones = torch.full((2, 10), -1.0)
+    phones[0] = 0.0
+    phones[0, [2, 5, 9]] = 1.0
+    out = predictor(
+        torch.randn(2, 10, 8), None, target_counts=torch.tensor([2.0, 4.0]), phone_boundaries=phones
+    )
+    # row 0: three true boundaries outvote the transcript's 2; above them the splits count too
+    assert out.target_counts.tolist() == [3.0, 4.0]
+    more = predictor(
+        torch.randn(2, 10, 8), None, target_counts=torch.tensor([5.0, 4.0]), phone_boundaries=phones
+    )
+    assert more.target_counts.tolist() == [5.0, 4.0]
