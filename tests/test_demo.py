@@ -23,7 +23,7 @@ def test_demo_end_to_end_writes_the_table_and_the_report(tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     models = [r["model"] for r in rows]
     assert models.count("whisper-tiny.en") == 2 and models.count("whisper-base") == 2
-    assert sum(m.startswith("magnet_demo (2 steps): learned boundaries") for m in models) == 2
+    assert sum(m.startswith("magnet_demo (2 steps): learned phone boundaries") for m in models) == 2
     assert sum(m.startswith("magnet_demo_control (2 steps): no compression") for m in models) == 2
     assert all(r["num_utterances"] == 2 for r in rows)
     compressed = [r for r in rows if r["model"].startswith("magnet_demo (2 steps)")]
