@@ -26,16 +26,20 @@ def test_non_positive_boundaries_per_unit_is_a_clear_error() -> None:
 
 
 def test_phone_boundaries_on_stem_frames_unknown_without_phone_times() -> None:
+    import numpy as np
+
     from magnet_asr.data.collator import collate_phone_boundaries
 
+    # 0.2 s and 0.13 s at 16 kHz: 20 and 13 mel frames (100/s) -> 10 and 7 stem frames
+    long, short_audio = np.zeros(3200, dtype=np.float32), np.zeros(2080, dtype=np.float32)
     items = [
         # phone ends 0.06 s (frame 2) and 0.1 s (frame 4); the file's end is the last frame
-        {"phones": ["pau", "h", "ay"], "phone_ends": [0.06, 0.1, 0.2]},
-        {},  # no phone times: every frame unknown
+        {"audio": long, "phones": ["pau", "h", "ay"], "phone_ends": [0.06, 0.1, 0.2]},
+        {"audio": short_audio},  # no phone times: every frame unknown
     ]
-    out = collate_phone_boundaries(items, [20, 13])  # 100 mel frames/s -> 10 and 7 stem frames
+    out = collate_phone_boundaries(items)
     assert out.shape == (2, 10)
     assert out[0].tolist() == [0, 0, 1, 0, 1, 0, 0, 0, 0, 1]
     assert (out[1] == -1).all()
-    short = collate_phone_boundaries([items[0], items[0]], [20, 13])[1]
+    short = collate_phone_boundaries([items[0], {**items[0], "audio": short_audio}])[1]
     assert short[:7].tolist() == [0, 0, 1, 0, 1, 0, 1] and (short[7:] == -1).all()

@@ -316,11 +316,7 @@ class BoundaryPredictor(nn.Module):
             # dictionary phoneme count must not pull against the phones loss (flite: 4.9x against 4.6x)
             known = (targets >= 0).any(dim=1)
             counts = torch.where(known, (targets > 0).sum(dim=1).to(counts.dtype), counts)
-        losses = self._losses(decided, probs, real, counts)
-        if "phones" in self.config.loss:
-            losses["phones"] = (
-                phone_boundary_loss(logits, targets, free) if targets is not None else logits.sum() * 0.0
-            )
+        losses = self._losses(decided, probs, real, counts, logits, free, targets)
         weights = self.config.loss_weights or ()
         total = sum((w * losses[n] for n, w in zip(self.config.loss, weights)), probs.new_zeros(()))
         return BoundaryOutput(
@@ -352,7 +348,16 @@ class BoundaryPredictor(nn.Module):
             )
         return target_counts
 
-    def _losses(self, boundaries: Tensor, probs: Tensor, real: Tensor, counts: Tensor) -> dict[str, Tensor]:
+    def _losses(
+        self,
+        boundaries: Tensor,
+        probs: Tensor,
+        real: Tensor,
+        counts: Tensor,
+        logits: Tensor,
+        free: Tensor,
+        phone_targets: Tensor | None,
+    ) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         for name in self.config.loss:
             if name == "binomial":
@@ -361,6 +366,10 @@ class BoundaryPredictor(nn.Module):
                 losses[name] = ratio_loss(boundaries, probs, real, target_counts=counts)
             elif name == "repulsion":
                 losses[name] = repulsion_loss(boundaries, real, distance=self.config.repulsion_distance)
+            elif phone_targets is not None:  # phones
+                losses[name] = phone_boundary_loss(logits, phone_targets, free)
+            else:  # no phone times given (evaluation, or data without them): nothing to learn from
+                losses[name] = logits.sum() * 0.0
         return losses
 
     @staticmethod

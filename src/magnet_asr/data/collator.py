@@ -16,10 +16,10 @@ import torch
 
 from magnet_asr.audio import (
     ENCODER_FRAMES_PER_SECOND,
-    ENCODER_STRIDE,
     AudioError,
     load_audio,
     log_mel_spectrogram,
+    num_encoder_frames,
 )
 from magnet_asr.data.manifest import Utterance
 
@@ -72,14 +72,14 @@ def pad_sequences(sequences: Sequence[Sequence[int]], value: int) -> torch.Tenso
     return out
 
 
-def collate_phone_boundaries(items: Sequence[dict[str, Any]], mel_lengths: Sequence[int]) -> torch.Tensor:
-    """``(B, ceil(T/2))`` true phone ends on encoder-stem frames (50 frames/s): 1 on a frame that ends a
-    phone (:func:`~magnet_asr.compression.targets.reference_boundaries`, the rule the boundary metrics
-    score), 0 on the other real frames; ``-1`` on padding and on every frame of an item without
-    ``phone_ends`` (unknown, not "no boundary"). ``T`` is the longest of ``mel_lengths``."""
+def collate_phone_boundaries(items: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """``(B, L)`` true phone ends on encoder-stem frames (50 frames/s) of the items' ``audio``: 1 on a
+    frame that ends a phone (:func:`~magnet_asr.compression.targets.reference_boundaries`, the rule the
+    boundary metrics score), 0 on the other real frames; ``-1`` on padding and on every frame of an item
+    without ``phone_ends`` (unknown, not "no boundary"). ``L`` is the longest item's frame count."""
     from magnet_asr.compression.targets import UNKNOWN, phone_boundary_frames, reference_boundaries
 
-    frames = [(n + ENCODER_STRIDE - 1) // ENCODER_STRIDE for n in mel_lengths]
+    frames = [num_encoder_frames(len(item["audio"])) for item in items]
     out = torch.full((len(items), max(frames)), UNKNOWN)
     for row, (item, n) in enumerate(zip(items, frames)):
         if "phone_ends" not in item:
@@ -146,7 +146,7 @@ class WhisperCollator:
         if counts is not None:
             batch["target_counts"] = counts
         if self.phone_boundaries:
-            batch["phone_boundaries"] = collate_phone_boundaries(good, [f.shape[-1] for f in feats])
+            batch["phone_boundaries"] = collate_phone_boundaries(good)
         if self.keep_ids:
             batch["utterance_ids"] = [it["id"] for it in good]
             batch["audio_paths"] = [it["path"] for it in good]

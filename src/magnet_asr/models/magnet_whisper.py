@@ -322,8 +322,9 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         **kwargs: Any,
     ) -> MagnetWhisperOutput:
         """``input_features (B, n_mels, T)`` at their true length, ``attention_mask (B, T)`` over mel frames,
-        ``labels (B, N)`` with -100 for padding, ``target_counts (num_predictors, B)``, ``phone_boundaries
-        (B, ceil(T/2))`` (true phone ends, :meth:`~magnet_asr.models.encoder.MagnetWhisperEncoder.forward`; training only, optional).
+        ``labels (B, N)`` with -100 for padding, ``target_counts (num_predictors, B)``,
+        ``phone_boundaries (B, ceil(T/2))`` (true phone ends for the ``phones`` loss, training only, optional;
+        :meth:`~magnet_asr.models.encoder.MagnetWhisperEncoder.forward`).
 
         ``num_boundary_samples = K > 0`` (GRPO, :mod:`magnet_asr.training.grpo`): the encoder draws ``K``
         boundary configurations per input in one batched pass; labels and decoder inputs (given per input)
