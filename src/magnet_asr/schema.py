@@ -39,6 +39,9 @@ class CompressorConfig:
     pooling: str = "mean"  # mean | attention
     temperature: float = 1.0
     threshold: float = 0.5
+    # also keep local maxima of p above this (None: off); a calibrated predictor splits an uncertain
+    # boundary between two frames, where p > threshold fires at neither (compression.predictor)
+    peak_threshold: float | None = None
     loss: str = "binomial"  # binomial | ratio | repulsion
     loss_weight: float = 1.0
     reembed_positions: bool = False

@@ -15,6 +15,7 @@ from magnet_asr.compression import (
     group_samples,
     sinusoidal_positions,
 )
+from magnet_asr.compression.predictor import threshold_boundaries
 
 DIM = 8
 VARIANTS = list(itertools.product(["mlp", "cosine"], ["mean", "attention"]))
@@ -49,6 +50,8 @@ def predictor(variant: str = "mlp", pooling: str = "mean", seed: int = 0, **kwar
         ({"repulsion_distance": 1}, "repulsion_distance"),
         ({"reembed_positions": True, "hidden_size": 7}, "even hidden_size"),
         ({"variant": "cosine", "mlp_hidden_size": 4}, "only applies"),
+        ({"peak_threshold": 0.5}, "peak_threshold"),
+        ({"peak_threshold": 0.0}, "peak_threshold"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict, message: str) -> None:
@@ -130,6 +133,30 @@ def test_eval_thresholds_probabilities() -> None:
     assert torch.equal(out.boundaries, mask.float())
     model.config.threshold = 0.95
     assert torch.equal(model(hidden, mask).num_boundaries, torch.ones(3, dtype=torch.long))
+
+
+def test_peak_threshold_keeps_local_maxima_below_the_threshold() -> None:
+    p = torch.tensor([[0.1, 0.4, 0.45, 0.2, 0.9, 0.95, 0.1, 0.3, 0.3, 0.05, 0.35, 0.0]])
+    logits = torch.log(p.clamp_min(1e-6)) - torch.log1p(-p)
+    real = torch.ones_like(p, dtype=torch.bool)
+    real[0, -1] = False  # padding is never a boundary and never a neighbour that wins
+    ends = lambda rule: rule[0].nonzero().flatten().tolist()  # noqa: E731
+    assert ends(threshold_boundaries(logits, real)) == [4, 5]
+    # the bump 0.4/0.45 fires once at its top; confident neighbours 0.9/0.95 both stay; of the tie
+    # 0.3/0.3 the later (p_t >= p_{t-1}, p_t > p_{t+1}); 0.35 before padding is a peak
+    assert ends(threshold_boundaries(logits, real, 0.5, 0.25)) == [2, 4, 5, 8, 10]
+    assert ends(threshold_boundaries(logits, real, 0.5, 0.42)) == [2, 4, 5]
+
+
+def test_peak_threshold_applies_in_eval_and_threshold_training() -> None:
+    hidden, mask = batch()
+    for training in (False, True):
+        model = predictor(train_sampling="threshold", peak_threshold=0.2, loss=()).train(training)
+        out = model(hidden, mask)
+        real = mask.bool()
+        logits = torch.log(out.probs) - torch.log1p(-out.probs)
+        expected = threshold_boundaries(logits, real, 0.5, 0.2) | (out.probs == 1.0)
+        assert torch.equal(out.boundaries.detach().bool(), expected & real)
 
 
 def test_gumbel_boundary_rate_is_p_at_any_temperature() -> None:

@@ -33,6 +33,9 @@ class BoundaryPredictorConfig:
         prior: target boundary rate, ``1 / compression factor`` (0.2 = 5x fewer frames).
         temperature: Gumbel-sigmoid temperature in training (shapes gradients, not the rate).
         threshold: probability above which a frame is a boundary in eval mode.
+        peak_threshold: if set (below ``threshold``), local maxima of the probabilities above it are
+            boundaries too, in eval mode and with ``train_sampling='threshold'`` in training
+            (:func:`~magnet_asr.compression.predictor.threshold_boundaries`).
         pooling: ``'mean'`` or ``'attention'`` (learned query, softmax within each segment).
         target: where the target count comes from: ``'fixed'`` (``prior`` x real frames), or
             per-utterance ``'phoneme'`` / ``'syllable'`` counts passed to ``forward``.
@@ -56,6 +59,7 @@ class BoundaryPredictorConfig:
     prior: float = 0.2
     temperature: float = 1.0
     threshold: float = 0.5
+    peak_threshold: float | None = None
     pooling: str = "mean"
     target: str = "fixed"
     loss: tuple[str, ...] = ("binomial",)
@@ -95,6 +99,10 @@ class BoundaryPredictorConfig:
             problems.append(f"temperature must be a positive finite number, got {self.temperature}")
         if not 0.0 < self.threshold < 1.0:
             problems.append(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.peak_threshold is not None and not 0.0 < self.peak_threshold < self.threshold:
+            problems.append(
+                f"peak_threshold must be in (0, threshold={self.threshold}), got {self.peak_threshold}"
+            )
         unknown = [n for n in self.loss if n not in LOSS_NAMES]
         if unknown:
             problems.append(f"unknown loss name(s) {unknown}; choose from {LOSS_NAMES}")

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from magnet_asr.compression import BoundaryPredictor, binomial_count_loss, group_samples, ratio_loss
 from magnet_asr.compression.losses import repulsion_loss
 from magnet_asr.compression.pooling import frame_mask, last_real_frame
+from magnet_asr.compression.predictor import threshold_boundaries
 from magnet_asr.training.trainer import MagnetTrainer
 
 if TYPE_CHECKING:
@@ -389,8 +390,9 @@ def grpo_loss(
         olds.append(step.old_log_prob)
         frees.append(frames.free)
         entropies.append(frames.entropy)
-        with torch.no_grad():  # what eval mode decides on the free frames: p > threshold
-            decided = (torch.sigmoid(frames.logits) > predictor.config.threshold) & frames.free
+        with torch.no_grad():  # what eval mode decides on the free frames
+            c = predictor.config
+            decided = threshold_boundaries(frames.logits, frames.free, c.threshold, c.peak_threshold)
             eval_rates[f"grpo_eval_rate_{j}"] = float(decided.sum() / frames.free.sum().clamp_min(1))
         if config.boundary_loss_weight > 0:
             anchors.append(predictor(hidden, mask, target_counts=step.target_counts).loss)

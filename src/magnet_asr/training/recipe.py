@@ -67,6 +67,7 @@ def predictor_settings(cfg: Any) -> dict[str, Any]:
         "prior": 1.0 / c.compression,
         "temperature": c.temperature,
         "threshold": c.threshold,
+        "peak_threshold": c.peak_threshold,
         "pooling": c.pooling,
         "target": c.target,
         "loss": losses,
