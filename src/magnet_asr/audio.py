@@ -24,10 +24,20 @@ FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames/s
 ENCODER_STRIDE = 2  # the conv stem's second convolution has stride 2
 ENCODER_FRAMES_PER_SECOND = FRAMES_PER_SECOND // ENCODER_STRIDE  # 50 encoder frames/s
 SILENCE_PEAK = 1e-4  # peak amplitude below which a clip counts as silent (about -80 dBFS)
+# One analysis window (25 ms): a shorter clip has no mel frame, and the STFT's reflect padding fails on it.
+MIN_SECONDS = N_FFT / SAMPLE_RATE
 
 
 class AudioError(ValueError):
-    """Audio that cannot be used; the message names the file and the reason on one line."""
+    """Audio that cannot be used; the message names the file and the reason on one line.
+
+    ``kind`` is the reason in a few words (``missing``, ``unreadable``, ``empty``, ``too short``,
+    ``non-finite``, ``silent``, ``too long``), so callers can count the clips they left out by reason.
+    """
+
+    def __init__(self, message: str, kind: str = "unreadable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _name(source: str | Path | None) -> str:
@@ -46,15 +56,15 @@ def validate(
     if audio.ndim != 1:
         raise AudioError(f"{name}: expected mono audio, got shape {tuple(audio.shape)}")
     if audio.size == 0:
-        raise AudioError(f"{name}: empty audio (0 samples)")
+        raise AudioError(f"{name}: empty audio (0 samples)", "empty")
     if not np.isfinite(audio).all():
-        raise AudioError(f"{name}: audio contains NaN or Inf samples")
+        raise AudioError(f"{name}: audio contains NaN or Inf samples", "non-finite")
     if not allow_silent and float(np.abs(audio).max()) < SILENCE_PEAK:
-        raise AudioError(f"{name}: audio is silent (peak below {SILENCE_PEAK:g})")
+        raise AudioError(f"{name}: audio is silent (peak below {SILENCE_PEAK:g})", "silent")
     seconds = audio.size / SAMPLE_RATE
     if max_seconds is not None and seconds > max_seconds:
         raise AudioError(
-            f"{name}: audio is {seconds:.1f} s long, longer than the maximum of {max_seconds:g} s"
+            f"{name}: audio is {seconds:.1f} s long, longer than the maximum of {max_seconds:g} s", "too long"
         )
     return audio
 
@@ -79,13 +89,14 @@ def load_audio(
     """Load any format libsndfile reads (wav, flac, ogg, mp3 where supported) as mono float32.
 
     Returns shape ``(num_samples,)`` at ``sample_rate``; raises :class:`AudioError` with a one-line
-    message naming the file for a missing, unreadable, empty, silent, non-finite or too-long clip.
+    message naming the file for a missing, unreadable, empty, too-short (under one analysis window),
+    silent, non-finite or too-long clip.
     """
     import soundfile as sf
 
     path = Path(path)
     if not path.exists():
-        raise AudioError(f"{path}: file not found")
+        raise AudioError(f"{path}: file not found", "missing")
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
     try:
@@ -94,14 +105,21 @@ def load_audio(
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise AudioError(f"{path}: cannot decode audio ({reason})") from None
     if data.shape[0] == 0:
-        raise AudioError(f"{path}: empty audio (0 samples)")
+        raise AudioError(f"{path}: empty audio (0 samples)", "empty")
+    if data.shape[0] / sr < MIN_SECONDS:
+        raise AudioError(
+            f"{path}: audio is {data.shape[0] / sr * 1000:.1f} ms long, shorter than one "
+            f"{MIN_SECONDS * 1000:g} ms analysis window",
+            "too short",
+        )
     if max_seconds is not None and data.shape[0] / sr > max_seconds:
         raise AudioError(
-            f"{path}: audio is {data.shape[0] / sr:.1f} s long, longer than the maximum of {max_seconds:g} s"
+            f"{path}: audio is {data.shape[0] / sr:.1f} s long, longer than the maximum of {max_seconds:g} s",
+            "too long",
         )
     audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    if not np.isfinite(audio).all():
-        raise AudioError(f"{path}: audio contains NaN or Inf samples")
+    if not np.isfinite(audio).all():  # before resampling: soxr would smear a NaN over its neighbours
+        raise AudioError(f"{path}: audio contains NaN or Inf samples", "non-finite")
     audio = resample(audio, sr, sample_rate)
     return validate(audio, path, max_seconds=max_seconds, allow_silent=allow_silent)
 

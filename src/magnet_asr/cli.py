@@ -116,9 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="decode a corpus split and score it")
     p.add_argument("--model", required=True, help="bundled name, local directory or hub name")
     p.add_argument("--data", required=True, help="corpus name (synth, asterisk), manifest file or folder")
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="train, validation, test or all (default: test; every row of a list or folder without splits)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N utterances of the split")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.set_defaults(func=_cmd_eval)
 

@@ -93,3 +93,14 @@ def test_manifest_corpus_by_name(folder, magnet_home):
     assert build_corpus("manifest", source=str(folder), name="mine", split="validation") == path
     assert path.stat().st_mtime_ns == stamp
     assert len(read_manifest(build_corpus("manifest", source=str(folder), name="mine", limit=1))) == 1
+
+
+def test_only_rows_without_a_split_are_marked_hash_split(tmp_path, tone):
+    tone(tmp_path / "x.wav", 0.5)
+    tone(tmp_path / "y.wav", 0.5)
+    tsv = tmp_path / "list.tsv"
+    tsv.write_text("x.wav\tfirst\ttest\ny.wav\tsecond\n")
+    utts = {u.id: u for u in read_manifest(import_source(tsv, tmp_path / "m.jsonl"))}
+    assert not utts["x"].hash_split and utts["y"].hash_split
+    forced = read_manifest(import_source(tsv, tmp_path / "m2.jsonl", split="validation"))
+    assert not any(u.hash_split for u in forced)

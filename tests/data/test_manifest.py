@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from magnet_asr.data.manifest import ManifestError, Utterance, read_manifest, write_manifest
+from magnet_asr.data.manifest import ManifestError, Utterance, has_own_splits, read_manifest, write_manifest
 
 
 def test_phone_times_round_trip_and_rows_without_them_keep_the_old_bytes(tmp_path):
@@ -40,3 +40,13 @@ def test_bad_phone_fields_name_the_line_and_field(tmp_path, extra, message):
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(ManifestError, match=f"m.jsonl:1: .*{message}"):
         read_manifest(path)
+
+
+def test_hash_split_is_written_only_when_true_and_read_back(tmp_path):
+    hashed = Utterance("a", "/abs/a.wav", "hi", 1.0, "train", hash_split=True)
+    given = Utterance("b", "/abs/b.wav", "hi", 1.0, "test")
+    path = write_manifest([hashed, given], tmp_path / "m.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[0]["hash_split"] is True and "hash_split" not in rows[1]
+    assert read_manifest(path) == [hashed, given]
+    assert not has_own_splits([hashed]) and has_own_splits([hashed, given])

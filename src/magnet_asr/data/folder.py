@@ -11,7 +11,8 @@
 Durations are read from the file headers. A file libsndfile cannot read stays in the manifest with duration
 0: evaluation then lists it under ``skipped`` with its reason rather than losing it silently. Splits: the
 ``split`` argument for everything, else the source's own split column, else a deterministic hash of the id
-(80/10/10 by default).
+(80/10/10 by default). Hash-split rows are marked ``hash_split``: training uses that split, while ``eval``
+scores a list without any split of its own whole unless it is given ``--split``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from magnet_asr.data.manifest import SPLITS, Utterance, write_manifest
 logger = logging.getLogger(__name__)
 
 IMPORT_FRACTIONS = (0.8, 0.1, 0.1)
+MANIFEST_VERSION = 2  # 2: rows whose split was hashed carry ``hash_split``
 
 
 @dataclass
@@ -149,9 +151,12 @@ def to_utterances(
     for e in entries:
         duration = audio_duration(e.audio)
         unreadable += duration is None
-        chosen = split or (e.split if e.split in SPLITS else split_by_hash(e.id, fractions))
+        own = split or (e.split if e.split in SPLITS else None)
+        chosen = own or split_by_hash(e.id, fractions)
         text = re.sub(r"\s+", " ", e.text).strip()
-        utterances.append(Utterance(e.id, str(e.audio), text, round(duration or 0.0, 3), chosen))
+        utterances.append(
+            Utterance(e.id, str(e.audio), text, round(duration or 0.0, 3), chosen, hash_split=own is None)
+        )
     if unreadable:
         logger.warning("%d of %d audio files cannot be read; kept with duration 0", unreadable, len(entries))
     return utterances
@@ -187,5 +192,8 @@ def build_manifest(
     )
     a, b, c = fractions
     return finish_build(
-        out_dir, to_utterances(read_entries(source)[:limit], split, (a, b, c)), source=str(source)
+        out_dir,
+        to_utterances(read_entries(source)[:limit], split, (a, b, c)),
+        source=str(source),
+        manifest_version=MANIFEST_VERSION,
     )

@@ -7,6 +7,9 @@ Optional: ``phones`` (labels, ``pau`` for silence) and ``phone_ends`` (the end t
 seconds, increasing, same length), the synthesizer's own timing of what it spoke (flite, see
 :mod:`magnet_asr.data.synth`). Rows without them are written without these keys, so manifests of
 corpora that have no phone times stay byte-identical to what they were before the fields existed.
+``hash_split: true`` marks a row whose source gave no split: the importer chose one by hashing the id
+(:mod:`magnet_asr.data.folder`), which training uses, while evaluation reads such a list whole
+(:func:`has_own_splits`). Written only when true.
 """
 
 from __future__ import annotations
@@ -35,17 +38,19 @@ class Utterance:
     split: str = "train"
     phones: list[str] | None = None  # phone labels ("pau" = silence); None when unknown
     phone_ends: list[float] | None = None  # seconds, increasing, one per phone; None when unknown
+    hash_split: bool = False  # the split was drawn from a hash of the id: the source had none
 
     def to_row(self) -> dict[str, Any]:
-        """The manifest row: every field, except ``phones`` / ``phone_ends`` when they are None."""
+        """The manifest row: every field, except ``phones`` / ``phone_ends`` when None, ``hash_split`` when
+        False."""
         row = asdict(self)
         for key in OPTIONAL_FIELDS:
-            if row[key] is None:
+            if row[key] is None or row[key] is False:
                 del row[key]
         return row
 
 
-OPTIONAL_FIELDS = ("phones", "phone_ends")
+OPTIONAL_FIELDS = ("phones", "phone_ends", "hash_split")
 
 
 def _phone_fields(row: dict[str, Any], where: str) -> tuple[list[str] | None, list[float] | None]:
@@ -97,11 +102,18 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Utterance]
                 text=str(row["text"]),
                 duration=float(row.get("duration", 0.0)),
                 split=str(row.get("split", "train")),
+                hash_split=row.get("hash_split") is True,
             )
             utt.phones, utt.phone_ends = _phone_fields(row, f"{path}:{lineno}")
             if split is None or utt.split == split:
                 out.append(utt)
     return out
+
+
+def has_own_splits(utterances: Iterable[Utterance]) -> bool:
+    """False when every row's split was drawn by hash on import (a list or folder without a split column):
+    such a list is evaluated whole rather than by its arbitrary ``test`` tenth."""
+    return not all(u.hash_split for u in utterances)
 
 
 def write_manifest(utterances: Iterable[Utterance], path: str | Path) -> Path:

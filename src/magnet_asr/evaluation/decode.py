@@ -10,8 +10,10 @@ fine-tuning collapses (DESIGN.md). Later model families register a loader in ``L
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -63,6 +65,37 @@ class Recognizer(Protocol):
 
 def max_new_tokens_for(seconds: float) -> int:
     return int(min(MAX_WHISPER_NEW_TOKENS, 16 + TOKENS_PER_SECOND_CAP * seconds))
+
+
+# What transformers' own Whisper ``generate`` makes ``GenerationMixin.generate`` warn, whatever its caller
+# passes (5.23, 5.24): it fills ``max_length`` with the global default before that call, so every
+# ``max_new_tokens`` reads as "both set", and it passes ``generation_config`` together with
+# ``suppress_tokens``. Neither is ours to act on; each would print on every ``transcribe`` and eval batch.
+_WHISPER_INTERNAL_WARNINGS = (
+    "Both `max_new_tokens`",
+    "Passing `generation_config` together with generation-related",
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: Sequence[str]) -> None:
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextmanager
+def _quiet_whisper_generate() -> Iterator[None]:
+    """Drop :data:`_WHISPER_INTERNAL_WARNINGS` during one Whisper ``generate`` call (and only those)."""
+    logger = logging.getLogger("transformers.generation.utils")
+    drop = _DropMessages(_WHISPER_INTERNAL_WARNINGS)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def hit_token_cap(tokens: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int | None]) -> list[bool]:
@@ -149,7 +182,11 @@ class WhisperRecognizer:
         kwargs: dict = {"max_new_tokens": max_new_tokens_for(longest)}
         if self.multilingual:
             kwargs.update(language="en", task="transcribe")
-        tokens = self.model.generate(features.to(device), **kwargs)
+        # Whisper reads the 30 s window whole (its padding is silence, as in pretraining): every feature frame
+        # is real to it. Saying so costs nothing and spares transformers' "attention mask is not set" warning.
+        mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=device)
+        with _quiet_whisper_generate():
+            tokens = self.model.generate(features.to(device), attention_mask=mask, **kwargs)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         capped = hit_token_cap(tokens, kwargs["max_new_tokens"], _stop_ids(self.model.generation_config))
         return [
@@ -213,7 +250,8 @@ class MagnetWhisperRecognizer(WhisperRecognizer):
         kwargs: dict = {"max_new_tokens": max_new_tokens, "encoder_outputs": encoded}
         if self.multilingual:
             kwargs.update(language="en", task="transcribe")
-        tokens = self.model.generate(**kwargs)
+        with _quiet_whisper_generate():
+            tokens = self.model.generate(**kwargs)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         capped = hit_token_cap(tokens, max_new_tokens, _stop_ids(self.model.generation_config))
         return [
@@ -256,6 +294,22 @@ def load_recognizer(name_or_path: str, device: str = "cpu") -> Recognizer:
     if model_type not in LOADERS:
         known = ", ".join(sorted(LOADERS))
         raise ValueError(f"{name_or_path}: model_type '{model_type}' is not supported (known: {known})")
-    recognizer = LOADERS[model_type](path, device)
+    # Reading local weights takes a second: no progress bar for it. A hub name keeps its download bars.
+    with _no_progress_bars() if Path(path).is_dir() else nullcontext():
+        recognizer = LOADERS[model_type](path, device)
     recognizer.name = name_or_path
     return recognizer
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off (its public switch), then back on if they were on."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

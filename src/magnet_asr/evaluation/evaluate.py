@@ -10,13 +10,18 @@ over utterances (:mod:`magnet_asr.evaluation.boundaries`). Precision, recall, F1
 share use the utterances whose manifest row has phone times (``num_utterances``); the adjacent share uses
 every utterance (``num_utterances_all``). ``boundary_f1``, ``adjacent_share`` and ``silence_share`` at the
 top level repeat the last predictor's (the one whose segments the decoder sees); None without predictors.
+
+Rows left out are counted by reason in ``left_out`` (``num_left_out`` in all; ``num_rows`` = scored + left
+out): those the caller dropped before decoding (``left_out=``: other splits, a limit) and those skipped
+here (each also in ``skipped`` with its id, one-line ``reason`` and short ``kind``: ``missing``,
+``unreadable``, ``too long``..., ``empty transcript``, ``decoding failed``).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,7 @@ class EvalResult:
     hypotheses: list[str] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    excluded: dict[str, int] = field(default_factory=dict)  # reason -> rows dropped before decoding
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
     encoder_frames: int = 0
@@ -58,6 +64,9 @@ class EvalResult:
         n = len(self.references)
         scores = {layer: counts.summary() for layer, counts in self.boundaries.items()}
         last = scores[list(scores)[-1]] if scores else {}
+        left_out = dict(self.excluded)
+        for row in self.skipped:
+            left_out[row["kind"]] = left_out.get(row["kind"], 0) + 1
         return {
             "model": self.model,
             "data": self.data,
@@ -69,6 +78,9 @@ class EvalResult:
             "adjacent_share": last.get("adjacent_share"),
             "silence_share": last.get("silence_share"),
             "num_utterances": n,
+            "num_rows": n + sum(left_out.values()),
+            "num_left_out": sum(left_out.values()),
+            "left_out": left_out,
             "num_skipped": len(self.skipped),
             "skipped": self.skipped,
             "audio_seconds": round(self.audio_seconds, 3),
@@ -90,12 +102,12 @@ def _load(utterances: Sequence[Utterance], max_seconds: float, result: EvalResul
     loaded = []
     for utt in tqdm(utterances, desc="loading audio", unit="utt", leave=False):
         if not normalize(utt.text):
-            result.skipped.append({"id": utt.id, "reason": "empty transcript"})
+            result.skipped.append({"id": utt.id, "reason": "empty transcript", "kind": "empty transcript"})
             continue
         try:
             audio = load_audio(utt.audio, max_seconds=max_seconds)
         except AudioError as e:
-            result.skipped.append({"id": utt.id, "reason": str(e)})
+            result.skipped.append({"id": utt.id, "reason": str(e), "kind": e.kind})
             continue
         loaded.append(_Loaded(utt, audio))
     return loaded
@@ -115,7 +127,11 @@ def _decode_batch(
             outputs.append(recognizer.transcribe([item.audio])[0])
         except Exception as e:  # a model error on one sample must not end the run
             result.skipped.append(
-                {"id": item.utterance.id, "reason": f"decoding failed: {type(e).__name__}: {e}"}
+                {
+                    "id": item.utterance.id,
+                    "reason": f"decoding failed: {type(e).__name__}: {e}",
+                    "kind": "decoding failed",
+                }
             )
             outputs.append(None)
     return outputs
@@ -127,13 +143,20 @@ def evaluate(
     batch_size: int = 8,
     data_name: str = "",
     split: str | None = None,
+    left_out: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Decode ``utterances`` in batches of similar length and score them.
 
-    ``wall_seconds`` covers feature extraction and decoding (not file loading), so ``rtfx`` is
+    ``left_out``: rows of the data the caller did not pass, by reason, so the summary accounts for every
+    row. ``wall_seconds`` covers feature extraction and decoding (not file loading), so ``rtfx`` is
     audio seconds per second of recognizer work.
     """
-    result = EvalResult(model=recognizer.name, data=data_name, split=split)
+    result = EvalResult(
+        model=recognizer.name,
+        data=data_name,
+        split=split,
+        excluded={k: v for k, v in (left_out or {}).items() if v},
+    )
     loaded = sorted(_load(utterances, recognizer.max_seconds, result), key=lambda x: len(x.audio))
     progress = tqdm(total=len(loaded), desc=f"decoding {recognizer.name}", unit="utt")
     for start in range(0, len(loaded), batch_size):

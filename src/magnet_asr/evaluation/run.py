@@ -7,31 +7,61 @@ from pathlib import Path
 from typing import Any
 
 from magnet_asr.audio import AudioError, load_audio
-from magnet_asr.data.manifest import read_manifest
+from magnet_asr.data.common import split_counts
+from magnet_asr.data.manifest import SPLITS, Utterance, has_own_splits, read_manifest
 from magnet_asr.evaluation.decode import Recognizer, load_recognizer
 from magnet_asr.evaluation.evaluate import evaluate, write_json
+
+ALL_ROWS = "all"  # ``--split all``: every row, whatever its split
+
+
+def select_rows(
+    utterances: list[Utterance], split: str | None, limit: int | None
+) -> tuple[list[Utterance], str, dict[str, int]]:
+    """The rows to score, the split they stand for, and the rows left out by reason.
+
+    ``split=None``: the ``test`` split, or every row when none of the rows has a split of its own (a user's
+    list or folder without a split column, whose splits were only hashed on import for training).
+    """
+    if split is None:
+        split = "test" if has_own_splits(utterances) else ALL_ROWS
+    if split != ALL_ROWS and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join((*SPLITS, ALL_ROWS))}")
+    chosen = utterances if split == ALL_ROWS else [u for u in utterances if u.split == split]
+    left_out = {"in other splits": len(utterances) - len(chosen)}
+    if limit is not None:
+        left_out["beyond the limit"] = max(len(chosen) - limit, 0)
+        chosen = chosen[:limit]
+    return chosen, split, {k: v for k, v in left_out.items() if v}
 
 
 def run_eval(
     model: str | Recognizer,
     data: str,
-    split: str | None = "test",
+    split: str | None = None,
     batch_size: int = 8,
     limit: int | None = None,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on corpus/manifest ``data``; write JSON to ``out`` when given."""
+    """Evaluate ``model`` on corpus/manifest ``data``; write JSON to ``out`` when given.
+
+    ``split``: ``train``, ``validation``, ``test`` or ``all``; None picks as :func:`select_rows` does.
+    ``limit``: score only the first N rows of the split. Rows left out are counted in the summary.
+    """
     from magnet_asr.data.corpora import resolve_data
 
     manifest = resolve_data(data)
-    utterances = read_manifest(manifest, split=split)
+    rows = read_manifest(manifest)
+    utterances, split, left_out = select_rows(rows, split, limit)
     if not utterances:
-        raise ValueError(f"{manifest}: no utterances in split '{split}'")
-    if limit is not None:
-        utterances = utterances[:limit]
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(split_counts(u.split for u in rows).items()))
+        raise ValueError(f"{manifest}: no utterances in split '{split}' (rows per split: {counts or 'none'})")
     recognizer = load_recognizer(model) if isinstance(model, str) else model
-    summary = evaluate(recognizer, utterances, batch_size=batch_size, data_name=data, split=split)
+    summary = evaluate(
+        recognizer, utterances, batch_size=batch_size, data_name=data, split=split, left_out=left_out
+    )
     summary["manifest"] = str(manifest)
+    summary["limit"] = limit
     if out:
         write_json(summary, out)
     return summary
@@ -42,14 +72,19 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 
 
 def summary_line(summary: dict[str, Any]) -> str:
-    """One line for the console: WER, CER, loop share, RTFx, counts, and per predictor layer the boundary
-    F1 against phone times (when the data has them) and the adjacent and in-silence shares."""
+    """One line for the console: WER, CER, loop share, RTFx, the rows scored and those left out (how many, and
+    why), and per predictor layer the boundary F1 against phone times (when the data has them) and the
+    adjacent and in-silence shares."""
     line = (
         f"{summary.get('model')} on {summary.get('data')}/{summary.get('split')}: "
         f"WER {_fmt(summary.get('wer'))}  CER {_fmt(summary.get('cer'))}  "
         f"loops {_fmt(summary.get('loop_share'), '.1%')}  RTFx {_fmt(summary.get('rtfx'), '.1f')}  "
-        f"utterances {summary.get('num_utterances')}  skipped {summary.get('num_skipped')}"
+        f"utterances {summary.get('num_utterances')}"
     )
+    left_out = summary.get("left_out") or {}
+    if left_out:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in left_out.items())
+        line += f" of {summary.get('num_rows')}, left out {summary.get('num_left_out')} ({reasons})"
     for layer, b in (summary.get("boundaries") or {}).items():
         line += (
             f"\n  predictor at layer {layer}: boundary F1 {_fmt(b.get('f1'))} "
