@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from cli_helpers import SENTENCE, run_cli, synthesize
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
 
-SENTENCE = "Please leave your message after the tone and press the pound key when you are finished."
-
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> Path:
     """A sentence synthesized on the fly (flite, else espeak-ng) as a 16 kHz wav."""
-    out = tmp_path_factory.mktemp("speech") / "speech.wav"
-    if shutil.which("flite"):
-        subprocess.run(["flite", "-t", SENTENCE, "-o", str(out)], check=True)
-    elif shutil.which("espeak-ng"):
-        subprocess.run(["espeak-ng", "-w", str(out), SENTENCE], check=True)
-    else:
-        pytest.skip("needs flite or espeak-ng (apt-get install flite espeak-ng)")
-    return out
+    return synthesize(tmp_path_factory.mktemp("speech") / "speech.wav")
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +29,6 @@ def bad_files(tmp_path_factory) -> tuple[Path, Path]:
     empty = folder / "empty.wav"
     empty.write_bytes(b"")
     return corrupt, empty
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "magnet_asr", *args], capture_output=True, text=True, timeout=600
-    )
 
 
 def test_transcribe_good_and_bad_files(speech, bad_files):

@@ -5,9 +5,7 @@ warning, no progress bar)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,22 +13,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from cli_helpers import SENTENCE, run_cli, synthesize
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
 
-SENTENCE = "Please leave your message after the tone and press the pound key when you are finished."
 MODEL = "whisper-tiny.en"
 
 
 def _speech(folder: Path) -> tuple[np.ndarray, int]:
-    out = folder / "speech_source.wav"
-    if shutil.which("flite"):
-        subprocess.run(["flite", "-t", SENTENCE, "-o", str(out)], check=True)
-    elif shutil.which("espeak-ng"):
-        subprocess.run(["espeak-ng", "-w", str(out), SENTENCE], check=True)
-    else:
-        pytest.skip("needs flite or espeak-ng (apt-get install flite espeak-ng)")
+    out = synthesize(folder / "speech_source.wav")
     audio, sr = sf.read(out, dtype="float32")
     out.unlink()
     return audio, sr
@@ -74,12 +67,6 @@ CASES: dict[str, tuple[str, Writer, str]] = {
     "clipped": ("clipped.wav", lambda p, a, sr: sf.write(p, np.clip(8 * a, -1, 1), sr), "text"),
     "missing": ("missing.wav", lambda p, a, sr: None, "file not found"),
 }
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "magnet_asr", *args], capture_output=True, text=True, timeout=600
-    )
 
 
 @pytest.fixture(scope="module")
