@@ -80,3 +80,36 @@ def test_load_errors_are_one_line_and_name_the_file(tmp_path, make, expected):
 
 def test_validate_allows_silence_when_asked():
     assert A.validate(np.zeros(100, np.float32), allow_silent=True).shape == (100,)
+
+
+def _speech_with_pauses(seconds: float, pauses: list[float]) -> np.ndarray:
+    """Noise ``seconds`` long with 0.3 s of digital silence starting at each of ``pauses`` (s)."""
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.normal(size=int(seconds * A.SAMPLE_RATE))).astype(np.float32)
+    for start in pauses:
+        audio[int(start * A.SAMPLE_RATE) : int((start + 0.3) * A.SAMPLE_RATE)] = 0.0
+    return audio
+
+
+def test_long_form_windows_cut_in_the_pauses():
+    audio = _speech_with_pauses(70.0, pauses=[27.0, 40.0, 52.5])
+    windows = A.long_form_windows(audio)
+    assert windows[0][0] == 0 and windows[-1][1] == len(audio)
+    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))  # contiguous, no overlap
+    assert all(end - start <= A.N_SAMPLES for start, end in windows)
+    cuts = [end for _, end in windows[:-1]]
+    assert all(c % A.SAMPLES_PER_ENCODER_FRAME == 0 for c in cuts)  # on the encoder-frame grid
+    # the first window ends in the pause at 27 s; the second may reach 57 s and ends in the one at 52.5 s
+    assert 27.0 <= cuts[0] / A.SAMPLE_RATE <= 27.3
+    assert 52.5 <= cuts[1] / A.SAMPLE_RATE <= 52.8
+    assert len(windows) == 3
+
+
+def test_long_form_windows_of_short_and_pauseless_clips():
+    assert A.long_form_windows(np.ones(A.N_SAMPLES, np.float32)) == [(0, A.N_SAMPLES)]
+    no_pause = _speech_with_pauses(61.0, pauses=[])
+    windows = A.long_form_windows(no_pause)
+    assert all(end - start <= A.N_SAMPLES for start, end in windows) and windows[-1][1] == len(no_pause)
+    # a remainder that would be shorter than one analysis window is not left over
+    just_over = _speech_with_pauses(30.0 + 0.01, pauses=[])
+    assert all(end - start >= A.N_FFT for start, end in A.long_form_windows(just_over))

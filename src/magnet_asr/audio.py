@@ -26,6 +26,9 @@ ENCODER_FRAMES_PER_SECOND = FRAMES_PER_SECOND // ENCODER_STRIDE  # 50 encoder fr
 SILENCE_PEAK = 1e-4  # peak amplitude below which a clip counts as silent (about -80 dBFS)
 # One analysis window (25 ms): a shorter clip has no mel frame, and the STFT's reflect padding fails on it.
 MIN_SECONDS = N_FFT / SAMPLE_RATE
+SAMPLES_PER_ENCODER_FRAME = HOP_LENGTH * ENCODER_STRIDE  # 320 samples, 20 ms
+# A long clip's window may end up to this much before its 30 s limit, at the quietest encoder frame there.
+LONG_FORM_SEARCH_SECONDS = 5.0
 
 
 class AudioError(ValueError):
@@ -38,6 +41,11 @@ class AudioError(ValueError):
     def __init__(self, message: str, kind: str = "unreadable") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def is_silent(audio: np.ndarray) -> bool:
+    """True for an empty clip or one whose peak is below :data:`SILENCE_PEAK` (digital silence)."""
+    return audio.size == 0 or float(np.abs(audio).max()) < SILENCE_PEAK
 
 
 def _name(source: str | Path | None) -> str:
@@ -59,7 +67,7 @@ def validate(
         raise AudioError(f"{name}: empty audio (0 samples)", "empty")
     if not np.isfinite(audio).all():
         raise AudioError(f"{name}: audio contains NaN or Inf samples", "non-finite")
-    if not allow_silent and float(np.abs(audio).max()) < SILENCE_PEAK:
+    if not allow_silent and is_silent(audio):
         raise AudioError(f"{name}: audio is silent (peak below {SILENCE_PEAK:g})", "silent")
     seconds = audio.size / SAMPLE_RATE
     if max_seconds is not None and seconds > max_seconds:
@@ -132,6 +140,37 @@ def num_frames(num_samples: int) -> int:
 def num_encoder_frames(num_samples: int) -> int:
     """Encoder frames after the conv stem (stride 2, kernel 3, padding 1) for ``num_samples``."""
     return math.ceil(num_frames(num_samples) / ENCODER_STRIDE)
+
+
+def long_form_windows(
+    audio: np.ndarray, max_seconds: float = CHUNK_LENGTH, search_seconds: float = LONG_FORM_SEARCH_SECONDS
+) -> list[tuple[int, int]]:
+    """``(start, end)`` sample ranges that cover ``audio`` in order, each at most ``max_seconds`` long.
+
+    A clip that fits is one window. A longer one is cut where it is quietest: each window ends after the
+    encoder frame (20 ms) of least energy among its last ``search_seconds`` (at most a sixth of the window), so a cut falls in a pause
+    between words wherever the clip has one (on ties, the latest such frame). Cuts lie on the encoder-frame
+    grid, so window ``k``'s frames continue window ``k-1``'s, and the windows do not overlap: their
+    transcripts are joined in order. The last window is at least one analysis window long.
+    """
+    step = SAMPLES_PER_ENCODER_FRAME
+    limit = int(max_seconds * SAMPLE_RATE) // step * step
+    search = max(1, int(min(search_seconds, max_seconds / 6) * SAMPLE_RATE) // step)
+    windows: list[tuple[int, int]] = []
+    start, total = 0, len(audio)
+    while total - start > limit:
+        end = start + limit
+        # candidate cut after frame i of the search region; keep the remainder a usable clip
+        first = end - search * step
+        last_frame = max(1, min(search, (total - N_FFT - first) // step))
+        frames = np.asarray(audio[first : first + last_frame * step], dtype=np.float64)
+        energy = (frames.reshape(last_frame, step) ** 2).mean(axis=1)
+        quietest = last_frame - 1 - int(np.argmin(energy[::-1]))
+        cut = first + (quietest + 1) * step
+        windows.append((start, cut))
+        start = cut
+    windows.append((start, total))
+    return windows
 
 
 @lru_cache(maxsize=4)

@@ -35,7 +35,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from magnet_asr.evaluation.run import run_eval, summary_line
 
     summary = run_eval(
-        args.model, args.data, split=args.split, batch_size=args.batch_size, limit=args.limit, out=args.out
+        args.model,
+        args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        out=args.out,
+        decoding=_decoding(args, guards=args.guards),
     )
     print(summary_line({**summary, "model": args.model}))
     if args.out:
@@ -43,12 +49,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decoding(args: argparse.Namespace, guards: bool):
+    from magnet_asr.models.whisper_generation import DecodingOptions
+
+    return DecodingOptions(guards=guards, num_beams=args.num_beams)
+
+
 def _cmd_transcribe(args: argparse.Namespace) -> int:
     from magnet_asr.evaluation.run import transcribe_files
 
     failed = 0
     results = []
-    for item in transcribe_files(args.model, args.files):
+    for item in transcribe_files(args.model, args.files, _decoding(args, guards=not args.no_guards)):
         if "error" in item:
             failed += 1
             print(f"error: {item['error']}", file=sys.stderr)
@@ -85,6 +97,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         train_utterances=args.train_utterances or None,
     )
     return 0
+
+
+def _add_beams(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search width (Whisper and MagnetWhisper; default greedy)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,11 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="score only the first N utterances of the split")
     p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument(
+        "--guards",
+        action="store_true",
+        help="decode with temperature fallback and the no-speech check (off: greedy, as the README's tables)",
+    )
+    _add_beams(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("transcribe", help="transcribe audio files, one line per file")
     p.add_argument("--model", default="whisper-tiny.en")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--no-guards",
+        action="store_true",
+        help="plain greedy decoding: no temperature fallback, no empty transcript for silence or noise",
+    )
+    _add_beams(p)
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_cmd_transcribe)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from magnet_asr.evaluation import decode
-from magnet_asr.evaluation.decode import MagnetWhisperRecognizer, hit_token_cap, stem_segment_ends
+from magnet_asr.evaluation.decode import MagnetWhisperRecognizer, Transcription, stem_segment_ends
 from magnet_asr.models import MagnetWhisper, MagnetWhisperConfig
 from tiny import TINY_WHISPER
 
@@ -75,11 +75,6 @@ def test_stem_segment_ends_follow_segments_back_to_stem_frames():
     assert stem_segment_ends([strided], stem_frames=[5], stride=2) == [[[1, 4]]]
 
 
-def test_hit_token_cap_counts_real_tokens():
-    tokens = torch.tensor([[5, 6, 7], [5, 2, 2], [5, 0, 0]])
-    assert hit_token_cap(tokens, 3, [0, 2]) == [True, False, False]
-
-
 class _Tokenizer:
     def batch_decode(self, tokens, skip_special_tokens=True):
         return [" ".join(str(int(t)) for t in row if int(t) > 2) for row in tokens]
@@ -105,3 +100,41 @@ def test_recognizer_reports_boundaries_per_sample_in_stem_frames(num_beams, monk
         assert len(second) == out.compressed_frames  # the decoder's segments
     alone = recognizer.transcribe(waves[1:2])[0]
     assert alone.boundary_frames == outs[1].boundary_frames  # batch-invariant
+
+
+class _WindowEcho:
+    """A recognizer with 1 s windows: says each window's length in samples, boundaries at its frames 0 and
+    its last one."""
+
+    name = "window-echo"
+    max_seconds = 1.0
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def transcribe(self, waveforms):
+        self.batches.append(len(waveforms))
+        out = []
+        for w in waveforms:
+            frames = decode.num_encoder_frames(len(w))
+            out.append(Transcription(str(len(w)), frames, 2, boundary_frames=[[0, frames - 1]]))
+        return out
+
+
+def test_transcribe_long_joins_windows_in_order_on_the_clip_frame_grid():
+    rng = np.random.default_rng(0)
+    short = (0.1 * rng.normal(size=8000)).astype(np.float32)  # 0.5 s: one window
+    long = (0.1 * rng.normal(size=40000)).astype(np.float32)  # 2.5 s: three windows
+    recognizer = _WindowEcho()
+    got = decode.transcribe_long(recognizer, [short, long])
+    windows = decode.long_form_windows(long, 1.0)
+    assert len(windows) == 3
+    assert got[0].text == "8000" and got[0].boundary_frames == [[0, 24]]
+    assert got[1].text == " ".join(str(end - start) for start, end in windows)
+    assert got[1].compressed_frames == 6
+    assert got[1].encoder_frames == decode.num_encoder_frames(len(long))
+    offsets = [start // 320 for start, _ in windows]
+    expected = [f + off for (start, end), off in zip(windows, offsets) for f in (0, (end - start) // 320 - 1)]
+    assert got[1].boundary_frames == [expected]
+    assert recognizer.batches == [2, 2]  # four windows, in batches as large as the caller's
+    assert decode.transcribe_long(recognizer, [short])[0].text == "8000"

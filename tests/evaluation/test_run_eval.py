@@ -104,12 +104,18 @@ def test_limit_and_bad_rows_are_counted_with_their_reasons(tmp_path, clips):
     clips[1].unlink()
     sf.write(clips[2], np.full(16000 * 31, 0.1, np.float32), 16000)  # over the recognizer's 30 s
     summary = run_eval(EchoRecognizer(), str(write_list("jsonl", clips, tmp_path)), limit=12)
-    assert summary["num_utterances"] == 9 and summary["num_rows"] == ROWS and summary["num_left_out"] == 9
-    assert summary["left_out"] == {"beyond the limit": 6, "unreadable": 1, "missing": 1, "too long": 1}
+    assert summary["num_utterances"] == 10 and summary["num_rows"] == ROWS and summary["num_left_out"] == 8
+    assert summary["left_out"] == {"beyond the limit": 6, "unreadable": 1, "missing": 1}
     kinds = {s["id"]: s["kind"] for s in summary["skipped"]}
-    assert kinds == {"audio.clip00": "unreadable", "audio.clip01": "missing", "audio.clip02": "too long"}
+    assert kinds == {"audio.clip00": "unreadable", "audio.clip01": "missing"}
+    # the 31 s clip is scored, decoded in two windows; the clips up to 30 s are also scored on their own
+    long = next(r for r in summary["utterances"] if r["id"] == "audio.clip02")
+    assert long["hypothesis"] == f"{TEXT} {TEXT}"
+    assert summary["num_long_form"] == 1
+    assert summary["short_form"] == {"max_seconds": 30.0, "num_utterances": 9, "wer": 0.0, "cer": 0.0}
     line = summary_line(summary)
-    assert "utterances 9 of 18, left out 9 (6 beyond the limit, 1 unreadable, 1 missing, 1 too long)" in line
+    assert "utterances 10  (of them 9 up to 30 s: WER 0.0000  CER 0.0000)" in line
+    assert "of 18, left out 8 (6 beyond the limit, 1 unreadable, 1 missing)" in line
 
 
 def test_data_with_its_own_splits_keeps_the_test_default(tmp_path, clips):
@@ -137,7 +143,9 @@ def test_unknown_or_empty_split_is_a_one_line_error(tmp_path, clips):
 
 
 def test_cli_eval_of_an_18_row_list(tmp_path, clips, monkeypatch, capsys):
-    monkeypatch.setattr("magnet_asr.evaluation.run.load_recognizer", lambda name: EchoRecognizer())
+    monkeypatch.setattr(
+        "magnet_asr.evaluation.run.load_recognizer", lambda name, decoding=None: EchoRecognizer()
+    )
     out = tmp_path / "result.json"
     listing = write_list("tsv", clips, tmp_path)
     assert main(["eval", "--model", "echo", "--data", str(listing), "--out", str(out)]) == 0

@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from magnet_asr.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, num_encoder_frames
+from magnet_asr.audio import (
+    CHUNK_LENGTH,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    SAMPLES_PER_ENCODER_FRAME,
+    is_silent,
+    log_mel_spectrogram,
+    long_form_windows,
+    num_encoder_frames,
+)
+from magnet_asr.models.whisper_generation import GREEDY, DecodingOptions, decode
 
 if TYPE_CHECKING:
     from transformers import WhisperForConditionalGeneration
@@ -98,22 +108,6 @@ def _quiet_whisper_generate() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
-def hit_token_cap(tokens: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int | None]) -> list[bool]:
-    """Per row of Whisper ``generate`` output ``(B, N)``: True when it holds ``max_new_tokens`` tokens
-    other than ``stop_ids`` (pad / end-of-text). transformers' Whisper ``generate`` returns the text tokens
-    only (decoder prompt and final end-of-text stripped, finished rows padded), so a row that reached the
-    cap is one with ``max_new_tokens`` real tokens."""
-    real = torch.ones_like(tokens, dtype=torch.bool)
-    for stop in {s for s in stop_ids if s is not None}:
-        real &= tokens != stop
-    return [int(n) >= max_new_tokens for n in real.sum(1).tolist()]
-
-
-def _stop_ids(generation_config: Any) -> list[int | None]:
-    eos = generation_config.eos_token_id
-    return [generation_config.pad_token_id, *(eos if isinstance(eos, list) else [eos])]
-
-
 def stem_segment_ends(
     boundary_outputs: Sequence[Any], stem_frames: Sequence[int], stride: int = 1
 ) -> list[list[list[int]]]:
@@ -151,14 +145,22 @@ def stem_segment_ends(
 
 
 class WhisperRecognizer:
-    """Hugging Face ``WhisperForConditionalGeneration``, greedy, batched, 30 s padded input."""
+    """Hugging Face ``WhisperForConditionalGeneration``, batched, 30 s padded input; greedy, or with
+    openai-whisper's guards (``decoding``, :mod:`magnet_asr.models.whisper_generation`)."""
 
     max_seconds = float(CHUNK_LENGTH)
 
-    def __init__(self, model: WhisperForConditionalGeneration, tokenizer, name: str = "whisper") -> None:
+    def __init__(
+        self,
+        model: WhisperForConditionalGeneration,
+        tokenizer,
+        name: str = "whisper",
+        decoding: DecodingOptions = GREEDY,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        self.decoding = decoding
         self.n_mels = int(model.config.num_mel_bins)
         gen = model.generation_config
         self.multilingual = (
@@ -174,25 +176,42 @@ class WhisperRecognizer:
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, name=str(path))
 
+    def _decode(self, encoder_outputs: Any, waveforms: Sequence[np.ndarray]) -> tuple[list[str], list[bool]]:
+        """Texts and token-cap flags of a batch, from its encoder output. With the guards, digital silence
+        reads as an empty transcript whatever the decoder says (tiny.en gives "you" with a mean
+        log-probability above the no-speech rule's -1), as the SpeechLLM recognizer has always done."""
+        seconds = max(len(w) for w in waveforms) / SAMPLE_RATE
+        with _quiet_whisper_generate():
+            decoded = decode(
+                self.model,
+                encoder_outputs,
+                self.tokenizer,
+                max_new_tokens_for(seconds),
+                self.decoding,
+                self.multilingual,
+            )
+        texts = [
+            "" if silent else text.strip()
+            for text, silent in zip(
+                self.tokenizer.batch_decode(decoded.tokens, skip_special_tokens=True),
+                decoded.no_speech or [False] * len(decoded.tokens),
+            )
+        ]
+        if self.decoding.guards:
+            texts = ["" if is_silent(w) else t for t, w in zip(texts, waveforms)]
+        return texts, decoded.hit_token_cap
+
     @torch.inference_mode()
     def transcribe(self, waveforms: Sequence[np.ndarray]) -> list[Transcription]:
+        from transformers.modeling_outputs import BaseModelOutput
+
         device = next(self.model.parameters()).device
         features = torch.stack([log_mel_spectrogram(w, self.n_mels, pad_to=N_SAMPLES) for w in waveforms])
-        longest = max(len(w) for w in waveforms) / SAMPLE_RATE
-        kwargs: dict = {"max_new_tokens": max_new_tokens_for(longest)}
-        if self.multilingual:
-            kwargs.update(language="en", task="transcribe")
-        # Whisper reads the 30 s window whole (its padding is silence, as in pretraining): every feature frame
-        # is real to it. Saying so costs nothing and spares transformers' "attention mask is not set" warning.
-        mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=device)
-        with _quiet_whisper_generate():
-            tokens = self.model.generate(features.to(device), attention_mask=mask, **kwargs)
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        capped = hit_token_cap(tokens, kwargs["max_new_tokens"], _stop_ids(self.model.generation_config))
+        # Whisper reads the 30 s window whole (its padding is silence, as in pretraining)
+        hidden = self.model.get_encoder()(features.to(device)).last_hidden_state
+        texts, capped = self._decode(BaseModelOutput(last_hidden_state=hidden), waveforms)
         return [
-            Transcription(
-                text.strip(), num_encoder_frames(len(w)), num_encoder_frames(len(w)), hit_token_cap=cap
-            )
+            Transcription(text, num_encoder_frames(len(w)), num_encoder_frames(len(w)), hit_token_cap=cap)
             for text, w, cap in zip(texts, waveforms, capped)
         ]
 
@@ -237,7 +256,6 @@ class MagnetWhisperRecognizer(WhisperRecognizer):
         device = next(self.model.parameters()).device
         features, mask = batch_features(waveforms, self.n_mels)
         encoded = self.model.encode(features.to(device), mask.to(device))
-        # read the per-sample tensors now: generate expands them in place for beam search
         assert encoded.frames_before is not None and encoded.frames_after is not None  # set by encode
         before, after = encoded.frames_before.tolist(), encoded.frames_after.tolist()
         boundaries: list[list[list[int]] | None] = [None] * len(waveforms)
@@ -245,19 +263,61 @@ class MagnetWhisperRecognizer(WhisperRecognizer):
             stride = math.prod(self.model.config.extra_conv_strides)
             stem = [num_encoder_frames(len(w)) for w in waveforms]
             boundaries = list(stem_segment_ends(encoded.boundary_outputs, stem, stride))
-        longest = max(len(w) for w in waveforms) / SAMPLE_RATE
-        max_new_tokens = max_new_tokens_for(longest)
-        kwargs: dict = {"max_new_tokens": max_new_tokens, "encoder_outputs": encoded}
-        if self.multilingual:
-            kwargs.update(language="en", task="transcribe")
-        with _quiet_whisper_generate():
-            tokens = self.model.generate(**kwargs)
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        capped = hit_token_cap(tokens, max_new_tokens, _stop_ids(self.model.generation_config))
+        texts, capped = self._decode(encoded, waveforms)
         return [
-            Transcription(t.strip(), int(b), int(a), boundary_frames=frames, hit_token_cap=cap)
+            Transcription(t, int(b), int(a), boundary_frames=frames, hit_token_cap=cap)
             for t, b, a, frames, cap in zip(texts, before, after, boundaries, capped)
         ]
+
+
+def transcribe_long(recognizer: Recognizer, waveforms: Sequence[np.ndarray]) -> list[Transcription]:
+    """``recognizer.transcribe`` for clips of any length, every model family.
+
+    A clip longer than ``recognizer.max_seconds`` is cut into windows where it is quietest
+    (:func:`magnet_asr.audio.long_form_windows`: no overlap, cuts on the encoder-frame grid); the windows of a
+    batch are decoded in batches of the same size, and each clip's transcript is its windows' texts joined
+    by a space, its frames summed, its boundary frames shifted to the clip's own frame grid, and
+    ``hit_token_cap`` set if any window hit it.
+    """
+    windows = [
+        (i, start, end)
+        for i, w in enumerate(waveforms)
+        for start, end in long_form_windows(w, recognizer.max_seconds)
+    ]
+    if len(windows) == len(waveforms):
+        return list(recognizer.transcribe(waveforms))
+    size = max(len(waveforms), 1)
+    outputs: list[Transcription] = []
+    for first in range(0, len(windows), size):
+        chunk = windows[first : first + size]
+        outputs += recognizer.transcribe([waveforms[i][start:end] for i, start, end in chunk])
+    merged: list[Transcription] = []
+    for i in range(len(waveforms)):
+        parts = [(start, out) for (owner, start, _), out in zip(windows, outputs) if owner == i]
+        merged.append(_join(parts))
+    return merged
+
+
+def _join(parts: Sequence[tuple[int, Transcription]]) -> Transcription:
+    """One clip's transcription from its windows' ``(start sample, transcription)`` in order."""
+    boundaries: list[list[int]] | None = None
+    if parts[0][1].boundary_frames is not None:
+        layers = len(parts[0][1].boundary_frames or [])
+        boundaries = [
+            [
+                f + start // SAMPLES_PER_ENCODER_FRAME
+                for start, out in parts
+                for f in (out.boundary_frames or [])[k]
+            ]
+            for k in range(layers)
+        ]
+    return Transcription(
+        " ".join(out.text for _, out in parts if out.text),
+        sum(out.encoder_frames for _, out in parts),
+        sum(out.compressed_frames for _, out in parts),
+        boundary_frames=boundaries,
+        hit_token_cap=any(out.hit_token_cap for _, out in parts),
+    )
 
 
 def _load_speech_llm(path: str, device: str = "cpu") -> Recognizer:
@@ -285,8 +345,14 @@ def model_type_of(path: str) -> str:
     return str(AutoConfig.from_pretrained(path).model_type)
 
 
-def load_recognizer(name_or_path: str, device: str = "cpu") -> Recognizer:
-    """Load any supported model from a bundled name, a local directory or a hub name."""
+def load_recognizer(
+    name_or_path: str, device: str = "cpu", decoding: DecodingOptions | None = None
+) -> Recognizer:
+    """Load any supported model from a bundled name, a local directory or a hub name.
+
+    ``decoding``: how a Whisper or MagnetWhisper model decodes (default greedy, no guards). SpeechLLM
+    decodes with its own loop guard and takes none of these options except the defaults.
+    """
     from magnet_asr.weights import resolve_model
 
     path = resolve_model(name_or_path)
@@ -298,6 +364,13 @@ def load_recognizer(name_or_path: str, device: str = "cpu") -> Recognizer:
     with _no_progress_bars() if Path(path).is_dir() else nullcontext():
         recognizer = LOADERS[model_type](path, device)
     recognizer.name = name_or_path
+    if decoding is not None:
+        if isinstance(recognizer, WhisperRecognizer):
+            recognizer.decoding = decoding
+        elif decoding.num_beams > 1:
+            raise ValueError(
+                f"{name_or_path}: beam search is available for Whisper and MagnetWhisper models only"
+            )
     return recognizer
 
 

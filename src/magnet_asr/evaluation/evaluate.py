@@ -11,10 +11,14 @@ share use the utterances whose manifest row has phone times (``num_utterances``)
 every utterance (``num_utterances_all``). ``boundary_f1``, ``adjacent_share`` and ``silence_share`` at the
 top level repeat the last predictor's (the one whose segments the decoder sees); None without predictors.
 
+Clips longer than the recognizer's window are decoded in windows
+(:func:`~magnet_asr.evaluation.decode.transcribe_long`) and scored with the rest; ``short_form`` repeats WER
+and CER over the clips that fit in one window (None when all do) and ``num_long_form`` counts the others.
+
 Rows left out are counted by reason in ``left_out`` (``num_left_out`` in all; ``num_rows`` = scored + left
 out): those the caller dropped before decoding (``left_out=``: other splits, a limit) and those skipped
 here (each also in ``skipped`` with its id, one-line ``reason`` and short ``kind``: ``missing``,
-``unreadable``, ``too long``..., ``empty transcript``, ``decoding failed``).
+``unreadable``, ``silent``..., ``empty transcript``, ``decoding failed``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from tqdm.auto import tqdm
 from magnet_asr.audio import SAMPLE_RATE, AudioError, load_audio
 from magnet_asr.data.manifest import Utterance
 from magnet_asr.evaluation.boundaries import BoundaryCounts, score_utterance
-from magnet_asr.evaluation.decode import Recognizer, Transcription
+from magnet_asr.evaluation.decode import Recognizer, Transcription, transcribe_long
 
 
 @dataclass
@@ -57,6 +61,23 @@ class EvalResult:
     compressed_frames: int = 0
     looping: int = 0
     boundaries: dict[str, BoundaryCounts] = field(default_factory=dict)  # predictor layer -> counts
+    max_seconds: float | None = None  # the recognizer's window: longer clips are decoded in windows
+
+    def short_form(self) -> dict[str, Any] | None:
+        """WER and CER of the clips that fit in one window (what a 30 s model reads whole), or None when
+        every clip did."""
+        from magnet_asr.text import cer, wer
+
+        short = [r for r in self.rows if self.max_seconds is None or r["duration"] <= self.max_seconds]
+        if len(short) == len(self.rows):
+            return None
+        refs, hyps = [r["reference"] for r in short], [r["hypothesis"] for r in short]
+        return {
+            "max_seconds": self.max_seconds,
+            "num_utterances": len(short),
+            "wer": wer(refs, hyps) if short else None,
+            "cer": cer(refs, hyps) if short else None,
+        }
 
     def summary(self) -> dict[str, Any]:
         from magnet_asr.text import cer, wer
@@ -64,6 +85,7 @@ class EvalResult:
         n = len(self.references)
         scores = {layer: counts.summary() for layer, counts in self.boundaries.items()}
         last = scores[list(scores)[-1]] if scores else {}
+        short = self.short_form()
         left_out = dict(self.excluded)
         for row in self.skipped:
             left_out[row["kind"]] = left_out.get(row["kind"], 0) + 1
@@ -78,6 +100,8 @@ class EvalResult:
             "adjacent_share": last.get("adjacent_share"),
             "silence_share": last.get("silence_share"),
             "num_utterances": n,
+            "num_long_form": n - (short["num_utterances"] if short else n),
+            "short_form": short,
             "num_rows": n + sum(left_out.values()),
             "num_left_out": sum(left_out.values()),
             "left_out": left_out,
@@ -96,7 +120,7 @@ class EvalResult:
         }
 
 
-def _load(utterances: Sequence[Utterance], max_seconds: float, result: EvalResult) -> list[_Loaded]:
+def _load(utterances: Sequence[Utterance], result: EvalResult) -> list[_Loaded]:
     from magnet_asr.text import normalize
 
     loaded = []
@@ -105,7 +129,7 @@ def _load(utterances: Sequence[Utterance], max_seconds: float, result: EvalResul
             result.skipped.append({"id": utt.id, "reason": "empty transcript", "kind": "empty transcript"})
             continue
         try:
-            audio = load_audio(utt.audio, max_seconds=max_seconds)
+            audio = load_audio(utt.audio)
         except AudioError as e:
             result.skipped.append({"id": utt.id, "reason": str(e), "kind": e.kind})
             continue
@@ -118,13 +142,13 @@ def _decode_batch(
 ) -> list[Transcription | None]:
     """Decode a batch; if it fails, retry one by one so a single bad sample is skipped, not fatal."""
     try:
-        return list(recognizer.transcribe([item.audio for item in batch]))
+        return list(transcribe_long(recognizer, [item.audio for item in batch]))
     except Exception:
         pass  # find the culprit below
     outputs: list[Transcription | None] = []
     for item in batch:
         try:
-            outputs.append(recognizer.transcribe([item.audio])[0])
+            outputs.append(transcribe_long(recognizer, [item.audio])[0])
         except Exception as e:  # a model error on one sample must not end the run
             result.skipped.append(
                 {
@@ -157,7 +181,8 @@ def evaluate(
         split=split,
         excluded={k: v for k, v in (left_out or {}).items() if v},
     )
-    loaded = sorted(_load(utterances, recognizer.max_seconds, result), key=lambda x: len(x.audio))
+    result.max_seconds = recognizer.max_seconds
+    loaded = sorted(_load(utterances, result), key=lambda x: len(x.audio))
     progress = tqdm(total=len(loaded), desc=f"decoding {recognizer.name}", unit="utt")
     for start in range(0, len(loaded), batch_size):
         batch = loaded[start : start + batch_size]

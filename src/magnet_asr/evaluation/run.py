@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from magnet_asr.audio import AudioError, load_audio
 from magnet_asr.data.common import split_counts
 from magnet_asr.data.manifest import SPLITS, Utterance, has_own_splits, read_manifest
-from magnet_asr.evaluation.decode import Recognizer, load_recognizer
+from magnet_asr.evaluation.decode import Recognizer, load_recognizer, transcribe_long
 from magnet_asr.evaluation.evaluate import evaluate, write_json
+from magnet_asr.models.whisper_generation import GREEDY, DecodingOptions
 
 ALL_ROWS = "all"  # ``--split all``: every row, whatever its split
 
@@ -42,8 +44,12 @@ def run_eval(
     batch_size: int = 8,
     limit: int | None = None,
     out: str | Path | None = None,
+    decoding: DecodingOptions = GREEDY,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on corpus/manifest ``data``; write JSON to ``out`` when given.
+
+    ``decoding``: greedy by default, as every figure in the project's tables was measured;
+    ``DecodingOptions()`` adds openai-whisper's guards (Whisper and MagnetWhisper models).
 
     ``split``: ``train``, ``validation``, ``test`` or ``all``; None picks as :func:`select_rows` does.
     ``limit``: score only the first N rows of the split. Rows left out are counted in the summary.
@@ -56,12 +62,13 @@ def run_eval(
     if not utterances:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(split_counts(u.split for u in rows).items()))
         raise ValueError(f"{manifest}: no utterances in split '{split}' (rows per split: {counts or 'none'})")
-    recognizer = load_recognizer(model) if isinstance(model, str) else model
+    recognizer = load_recognizer(model, decoding=decoding) if isinstance(model, str) else model
     summary = evaluate(
         recognizer, utterances, batch_size=batch_size, data_name=data, split=split, left_out=left_out
     )
     summary["manifest"] = str(manifest)
     summary["limit"] = limit
+    summary["decoding"] = asdict(getattr(recognizer, "decoding", decoding))
     if out:
         write_json(summary, out)
     return summary
@@ -81,6 +88,12 @@ def summary_line(summary: dict[str, Any]) -> str:
         f"loops {_fmt(summary.get('loop_share'), '.1%')}  RTFx {_fmt(summary.get('rtfx'), '.1f')}  "
         f"utterances {summary.get('num_utterances')}"
     )
+    short = summary.get("short_form")
+    if short:
+        line += (
+            f"  (of them {short['num_utterances']} up to {short['max_seconds']:g} s: WER {_fmt(short['wer'])}"
+            f"  CER {_fmt(short['cer'])})"
+        )
     left_out = summary.get("left_out") or {}
     if left_out:
         reasons = ", ".join(f"{count} {reason}" for reason, count in left_out.items())
@@ -95,13 +108,21 @@ def summary_line(summary: dict[str, Any]) -> str:
     return line
 
 
-def transcribe_files(model: str | Recognizer, files: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Yield ``{"file", "text"}`` per file, or ``{"file", "error"}`` with a one-line reason."""
-    recognizer = load_recognizer(model) if isinstance(model, str) else model
+def transcribe_files(
+    model: str | Recognizer, files: Sequence[str], decoding: DecodingOptions | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield ``{"file", "text"}`` per file, or ``{"file", "error"}`` with a one-line reason.
+
+    Clips of any length (longer ones in windows, :func:`~magnet_asr.evaluation.decode.transcribe_long`);
+    silence is not an error: with the guards (``decoding``, on by default) it reads as an empty transcript.
+    """
+    recognizer = (
+        load_recognizer(model, decoding=decoding or DecodingOptions()) if isinstance(model, str) else model
+    )
     for file in files:
         try:
-            audio = load_audio(file, max_seconds=recognizer.max_seconds)
+            audio = load_audio(file, allow_silent=True)
         except AudioError as e:
             yield {"file": file, "error": str(e)}
             continue
-        yield {"file": file, "text": recognizer.transcribe([audio])[0].text}
+        yield {"file": file, "text": transcribe_long(recognizer, [audio])[0].text}

@@ -27,7 +27,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from magnet_asr.audio import (
     CHUNK_LENGTH,
     ENCODER_FRAMES_PER_SECOND,
-    SILENCE_PEAK,
+    is_silent,
     num_encoder_frames,
     num_frames,
 )
@@ -186,10 +186,6 @@ def generate_tokens(
     return pad_sequences(results, model.prompt.pad_id)
 
 
-def _is_silent(waveform: np.ndarray) -> bool:
-    return waveform.size == 0 or float(np.abs(waveform).max()) < SILENCE_PEAK
-
-
 class SpeechLLMRecognizer:
     """A :class:`~magnet_asr.evaluation.decode.Recognizer` for SpeechLLM checkpoints.
 
@@ -230,7 +226,7 @@ class SpeechLLMRecognizer:
         device = next(self.model.parameters()).device
         features, mask = batch_features([waveforms[i] for i in usable], self.n_mels)
         audio = self.model.embed_audio(features.to(device), mask.to(device))
-        skip = torch.tensor([_is_silent(np.asarray(waveforms[i])) for i in usable])
+        skip = torch.tensor([is_silent(np.asarray(waveforms[i])) for i in usable])
         tokens = self.model.generate(audio=audio, skip=skip, **self.decode)
         texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
         for text, index, count in zip(texts, usable, audio.counts.tolist()):

@@ -1,0 +1,240 @@
+"""Whisper decoding with openai-whisper's guards, for Whisper and MagnetWhisper alike.
+
+openai-whisper's ``transcribe`` (Radford et al. 2022, section 4.5) decodes greedily, then retries a
+hypothesis at rising temperatures (0.2, 0.4 ... 1.0, sampling) while it is too repetitive (gzip compression
+ratio of its text above 2.4) or too unlikely (mean log-probability per token, end-of-text included, below
+-1); and it gives an empty transcript when the model's probability of the no-speech token at the first
+decoding step is above 0.6 and the hypothesis is unlikely too. We add one retry reason: decoding stopped at
+the token cap (a loop whose text the gzip ratio missed).
+
+transformers' Whisper ``generate`` has the same options, but its fallback and no-speech check re-run the
+encoder on 30 s input features: they cannot take the compressed, variable-length encoder output of a
+MagnetWhisper. Here every step reads a precomputed encoder output, so one implementation serves both
+families: ``generate`` for each attempt, then one teacher-forced decoder pass over the hypotheses for their
+log-probabilities and no-speech probability (the model's own distribution, before ``generate``'s token
+suppression). With the guards off, decoding is one plain ``generate`` call, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import ModelOutput
+
+from magnet_asr.text import LOOP_COMPRESSION_RATIO, compression_ratio
+
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's transcribe defaults
+LOGPROB_THRESHOLD = -1.0
+NO_SPEECH_THRESHOLD = 0.6
+
+
+@dataclass
+class DecodingOptions:
+    """How a Whisper-family recognizer decodes.
+
+    guards: temperature fallback and the no-speech check (module docstring); off: one greedy (or beam)
+        ``generate`` call per batch.
+    temperatures: the first is the plain decode (0: greedy, or beam search with ``num_beams > 1``); each
+        later one is a sampling retry for the hypotheses that failed a check.
+    num_beams: beam width of the temperature-0 attempt.
+    seed: the sampling retries draw from a generator seeded with this, so a transcript is reproducible.
+    """
+
+    guards: bool = True
+    temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES
+    compression_ratio_threshold: float | None = LOOP_COMPRESSION_RATIO
+    logprob_threshold: float | None = LOGPROB_THRESHOLD
+    no_speech_threshold: float | None = NO_SPEECH_THRESHOLD
+    num_beams: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.temperatures = tuple(float(t) for t in self.temperatures)
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise ValueError(f"temperatures: need one or more values >= 0, got {self.temperatures}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams: must be >= 1, got {self.num_beams}")
+        if self.no_speech_threshold is not None and not 0 < self.no_speech_threshold < 1:
+            raise ValueError(f"no_speech_threshold: must lie in (0, 1), got {self.no_speech_threshold}")
+
+
+GREEDY = DecodingOptions(guards=False)
+
+
+@dataclass
+class Decoded:
+    """Per row: the text tokens (no prompt, end-of-text or padding), whether decoding stopped at the token
+    cap, and (guards on) the mean log-probability, the no-speech probability, the temperature of the kept
+    attempt and whether the row was judged silence (its text is then empty)."""
+
+    tokens: list[list[int]]
+    hit_token_cap: list[bool]
+    avg_logprob: list[float | None] = field(default_factory=list)
+    no_speech_prob: list[float | None] = field(default_factory=list)
+    temperature: list[float] = field(default_factory=list)
+    no_speech: list[bool] = field(default_factory=list)
+
+
+def select_rows(encoder_outputs: ModelOutput, rows: Sequence[int]) -> ModelOutput:
+    """A new encoder output of the same class with only ``rows`` (batch-first tensors indexed, any
+    non-tensor field such as MagnetWhisper's per-predictor ``boundary_outputs`` dropped: the decoder
+    never reads it). A new object every call: ``generate`` expands its tensors in place for beams."""
+    hidden = encoder_outputs["last_hidden_state"]
+    index = torch.as_tensor(list(rows), dtype=torch.long, device=hidden.device)
+    batch = hidden.shape[0]
+    kept = {
+        k: v.index_select(0, index)
+        for k, v in encoder_outputs.items()
+        if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch
+    }
+    return type(encoder_outputs)(**kept)
+
+
+def decoder_prompt(generation_config: Any, multilingual: bool) -> list[int]:
+    """The tokens Whisper's ``generate`` starts the decoder with when it predicts no timestamps:
+    start-of-transcript, then (multilingual) English and transcribe, then no-timestamps."""
+    prompt = [int(generation_config.decoder_start_token_id)]
+    if multilingual:
+        prompt += [
+            int(generation_config.lang_to_id["<|en|>"]),
+            int(generation_config.task_to_id["transcribe"]),
+        ]
+    return [*prompt, int(generation_config.no_timestamps_token_id)]
+
+
+def no_speech_token(generation_config: Any) -> int:
+    """``<|nospeech|>`` (``<|nocaptions|>`` in older vocabularies): the token just before no-timestamps,
+    as openai-whisper's tokenizer and transformers' no-speech detection both place it."""
+    return int(generation_config.no_timestamps_token_id) - 1
+
+
+def _stop_ids(generation_config: Any) -> set[int]:
+    eos = generation_config.eos_token_id
+    ids = {generation_config.pad_token_id, *(eos if isinstance(eos, list) else [eos])}
+    return {int(i) for i in ids if i is not None}
+
+
+def _generate(
+    model: Any,
+    encoder_outputs: ModelOutput,
+    temperature: float,
+    max_new_tokens: int,
+    options: DecodingOptions,
+    generate_kwargs: dict[str, Any],
+) -> list[list[int]]:
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, **generate_kwargs}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_k=0, num_beams=1)
+    else:
+        kwargs["do_sample"] = False
+        if options.num_beams > 1:  # else the model's generation config decides, as before
+            kwargs["num_beams"] = options.num_beams
+    sequences = model.generate(encoder_outputs=encoder_outputs, **kwargs)
+    stops = _stop_ids(model.generation_config)
+    return [[t for t in row if t not in stops] for row in sequences.tolist()]
+
+
+@torch.no_grad()
+def score_hypotheses(
+    model: Any,
+    encoder_outputs: ModelOutput,
+    prompt: Sequence[int],
+    tokens: Sequence[Sequence[int]],
+    ended: Sequence[bool],
+) -> tuple[list[float], list[float]]:
+    """Mean log-probability of each hypothesis and the no-speech probability at the first decoding step,
+    from one teacher-forced decoder pass.
+
+    ``tokens[i]``: row ``i``'s text tokens; ``ended[i]``: it ended with end-of-text (False: cut at the token
+    cap), whose log-probability then counts too. The sum is divided by ``len(tokens[i]) + 1`` either way,
+    as openai-whisper counts."""
+    eos = int(model.generation_config.eos_token_id)
+    rows = [[*prompt, *t, eos] for t in tokens]
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), eos, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    device = encoder_outputs["last_hidden_state"].device
+    logits = model(encoder_outputs=encoder_outputs, decoder_input_ids=ids.to(device), use_cache=False).logits
+    log_probs = logits.float().log_softmax(-1)
+    no_speech = log_probs[:, 0, no_speech_token(model.generation_config)].exp().tolist()
+    start = len(prompt)
+    averages = []
+    for i, (t, end) in enumerate(zip(tokens, ended)):
+        targets = ids[i, start : start + len(t) + int(end)].to(device)
+        picked = log_probs[i, start - 1 : start - 1 + len(targets)].gather(-1, targets[:, None])
+        averages.append(float(picked.sum()) / (len(t) + 1))
+    return averages, no_speech
+
+
+def _needs_fallback(text: str, capped: bool, avg: float, no_speech: float, options: DecodingOptions) -> bool:
+    unlikely = options.logprob_threshold is not None and avg < options.logprob_threshold
+    if _is_silence(no_speech, avg, options):
+        return False
+    repetitive = (
+        options.compression_ratio_threshold is not None
+        and compression_ratio(text) > options.compression_ratio_threshold
+    )
+    return repetitive or unlikely or capped
+
+
+def _is_silence(no_speech: float, avg: float, options: DecodingOptions) -> bool:
+    if options.no_speech_threshold is None or no_speech <= options.no_speech_threshold:
+        return False
+    return options.logprob_threshold is None or avg < options.logprob_threshold
+
+
+def decode(
+    model: Any,
+    encoder_outputs: ModelOutput,
+    tokenizer: Any,
+    max_new_tokens: int,
+    options: DecodingOptions = GREEDY,
+    multilingual: bool = False,
+) -> Decoded:
+    """Decode a batch from its encoder output (``last_hidden_state (B, S, D)``, plus MagnetWhisper's
+    ``encoder_attention_mask`` and ``segment_sizes``), with the guards when ``options.guards``."""
+    generate_kwargs: dict[str, Any] = {"language": "en", "task": "transcribe"} if multilingual else {}
+    batch = int(encoder_outputs["last_hidden_state"].shape[0])
+    everyone = list(range(batch))
+
+    def attempt(rows: list[int], temperature: float) -> list[list[int]]:
+        return _generate(
+            model, select_rows(encoder_outputs, rows), temperature, max_new_tokens, options, generate_kwargs
+        )
+
+    if not options.guards:
+        tokens = attempt(everyone, options.temperatures[0])
+        return Decoded(tokens, [len(t) >= max_new_tokens for t in tokens])
+
+    prompt = decoder_prompt(model.generation_config, multilingual)
+    result = Decoded([[] for _ in everyone], [False] * batch, [None] * batch, [None] * batch, [0.0] * batch)
+    rows = everyone
+    device = encoder_outputs["last_hidden_state"].device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(options.seed)
+        for temperature in options.temperatures:
+            tokens = attempt(rows, temperature)
+            caps = [len(t) >= max_new_tokens for t in tokens]
+            averages, no_speech = score_hypotheses(
+                model, select_rows(encoder_outputs, rows), prompt, tokens, [not c for c in caps]
+            )
+            retry = []
+            for i, t, capped, avg, nsp in zip(rows, tokens, caps, averages, no_speech):
+                result.tokens[i], result.hit_token_cap[i] = t, capped
+                result.avg_logprob[i], result.no_speech_prob[i], result.temperature[i] = avg, nsp, temperature
+                text = tokenizer.decode(t, skip_special_tokens=True)
+                if _needs_fallback(text, capped, avg, nsp, options):
+                    retry.append(i)
+            rows = retry
+            if not rows:
+                break
+    result.no_speech = [
+        _is_silence(float(nsp), float(avg), options)  # type: ignore[arg-type]
+        for nsp, avg in zip(result.no_speech_prob, result.avg_logprob)
+    ]
+    return result
