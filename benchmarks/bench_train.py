@@ -121,7 +121,7 @@ def _speech_llm_step(job: dict[str, Any], workdir: Path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperForConditionalGeneration
 
-    from magnet_asr.data.llm_collator import prepare_tokenizer
+    from magnet_asr.models.processing_speech_llm import prepare_tokenizer
     from magnet_asr.models.speech_llm import build_speech_llm
 
     kwargs = whisper_kwargs(job["encoder_dims"])

@@ -484,7 +484,7 @@ def _one_thread():
 
 
 def _transcribe(model, tokenizer, waveforms: list[np.ndarray], **kwargs) -> list[str]:
-    """Greedy, batched, 30 s padded input (as zero-shot Whisper evaluation does; see DESIGN.md)."""
+    """Greedy, batched, 30 s padded input (as zero-shot Whisper evaluation does; see docs/architecture.md)."""
     from magnet_asr.audio import N_SAMPLES, log_mel_spectrogram
 
     features = torch.stack(

@@ -197,7 +197,7 @@ def log_mel_spectrogram(
 
     ``audio``: ``(num_samples,)`` at 16 kHz. ``pad_to``: pad the *waveform* with silence to this many
     samples first (``N_SAMPLES`` reproduces Whisper's 30 s input); padding the waveform rather than the
-    features matters: zero-padded features cost tiny.en about 2 WER points (DESIGN.md).
+    features matters: zero-padded features cost tiny.en about 2 WER points (docs/architecture.md).
     Returns ``(n_mels, num_samples // HOP_LENGTH)`` float32, matching ``WhisperFeatureExtractor``.
     """
     wav = torch.as_tensor(audio, dtype=torch.float32)

@@ -14,6 +14,10 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
+from magnet_asr.models.processing_speech_llm import DEFAULT_INSTRUCTION
+from magnet_asr.models.speech_llm import LORA_TARGET_MODULES
+from magnet_asr.text import MAX_NEW_TOKENS_PER_SECOND
+
 MODEL_FAMILIES = ("whisper", "magnet_whisper", "speech_llm")
 
 
@@ -45,7 +49,7 @@ class CompressorConfig:
     loss: str = "binomial"  # binomial | ratio | repulsion
     loss_weight: float = 1.0
     reembed_positions: bool = False
-    # gumbel: binary Concrete sample in training (rate = p, so eval at p > threshold differs; DESIGN.md);
+    # gumbel: binary Concrete sample in training (rate = p, so eval at p > threshold differs; docs/architecture.md);
     # threshold: the eval decision in training too, straight-through on p (H-Net)
     train_sampling: str = "gumbel"
     repulsion_distance: int = 2
@@ -93,13 +97,13 @@ class LLMConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    prompt: str = "Transcribe the audio."
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    prompt: str = DEFAULT_INSTRUCTION
     system_prompt: str | None = None  # None: the chat template's own default system turn
     gradient_checkpointing: bool = False
     # decoding (SpeechLLM generate)
     num_beams: int = 1
-    max_new_tokens_per_second: float = 10.0  # per-sample cap: 16 + rate x seconds of audio
+    max_new_tokens_per_second: float = MAX_NEW_TOKENS_PER_SECOND  # per-sample cap: floor + rate x seconds
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     loop_guard: bool = True  # stop and trim repetition loops

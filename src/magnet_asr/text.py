@@ -138,6 +138,12 @@ def cer(references: Sequence[str] | str, hypotheses: Sequence[str] | str) -> flo
     return _error_rate(references, hypotheses, "char")
 
 
+# A decoder may write at most MAX_NEW_TOKENS_FLOOR + MAX_NEW_TOKENS_PER_SECOND x seconds of audio tokens:
+# speech is 3-5 tokens/s in Whisper's and the LLMs' vocabularies, so the cap never cuts a transcript and
+# stops a looping decoder early.
+MAX_NEW_TOKENS_PER_SECOND = 10.0
+MAX_NEW_TOKENS_FLOOR = 16
+
 # Whisper's own loop test (openai/whisper transcribe.py, compression_ratio_threshold): a hypothesis whose
 # UTF-8 bytes gzip better than this repeats itself.
 LOOP_COMPRESSION_RATIO = 2.4

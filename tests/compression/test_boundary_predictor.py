@@ -160,7 +160,7 @@ def test_peak_threshold_applies_in_eval_and_threshold_training() -> None:
 
 
 def test_gumbel_boundary_rate_is_p_at_any_temperature() -> None:
-    # DESIGN.md trap: a Gumbel-sigmoid thresholded at 0.5 fires with probability p whatever tau is.
+    # docs/architecture.md trap: a Gumbel-sigmoid thresholded at 0.5 fires with probability p whatever tau is.
     model = predictor(prior=0.3).train()
     hidden = torch.randn(64, 200, DIM)
     rates = []

@@ -98,7 +98,7 @@ def test_learns_boundaries_at_signal_changes() -> None:
 
 
 def test_task_alone_collapses_to_a_boundary_on_every_frame() -> None:
-    # The known failure the count losses exist for (DESIGN.md): one segment per frame is a perfect
+    # The known failure the count losses exist for (docs/architecture.md): one segment per frame is a perfect
     # solution of this task, and with no count loss the predictor finds it.
     f1, rate, _ = train(use_count_loss=False, steps=200)
     assert rate > 0.8 and f1 < 0.5

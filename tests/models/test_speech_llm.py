@@ -15,7 +15,7 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 
-from magnet_asr.data.llm_collator import AUDIO_TOKEN, ChatPrompt, prepare_tokenizer
+from magnet_asr.models.processing_speech_llm import AUDIO_TOKEN, ChatPrompt, prepare_tokenizer
 from magnet_asr.models.speech_llm import SpeechLLM, build_speech_llm, read_weights
 from tiny import TINY_LLAMA
 from tiny import TINY_WHISPER as TINY
@@ -302,7 +302,7 @@ def test_length_cap_and_loop_guard(sources):
 
 
 def test_trim_loop_keeps_one_copy_and_leaves_real_text():
-    from magnet_asr.evaluation.speech_llm_decode import loop_start, trim_loop
+    from magnet_asr.models.speech_llm_generation import loop_start, trim_loop
 
     assert trim_loop([1, 2, 3] + [4, 5] * 6) == [1, 2, 3, 4, 5]
     assert trim_loop([9] * 12) == [9]
@@ -331,7 +331,7 @@ def test_collator_and_recognizer(sources):
     import numpy as np
 
     from magnet_asr.data.llm_collator import SpeechLLMCollator
-    from magnet_asr.evaluation.speech_llm_decode import SpeechLLMRecognizer
+    from magnet_asr.evaluation.decode import SpeechLLMRecognizer
 
     model = build(sources)
     tokenizer = prepare_tokenizer(tiny_tokenizer())

@@ -60,7 +60,7 @@ def demo():
 
 def test_bundled_speech_llm_trains_one_step_and_generates(demo):
     from magnet_asr.data.llm_collator import SpeechLLMCollator
-    from magnet_asr.evaluation.speech_llm_decode import SpeechLLMRecognizer
+    from magnet_asr.evaluation.decode import SpeechLLMRecognizer
 
     model, tokenizer = demo
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -92,7 +92,7 @@ def test_bundled_speech_llm_trains_one_step_and_generates(demo):
 
 
 def test_bundled_speech_llm_saves_only_trained_parts_and_reloads_identically(demo, tmp_path):
-    from magnet_asr.evaluation.speech_llm_decode import SpeechLLMRecognizer
+    from magnet_asr.evaluation.decode import SpeechLLMRecognizer
     from magnet_asr.models.speech_llm import SpeechLLM
 
     model, tokenizer = demo

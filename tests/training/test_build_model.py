@@ -7,7 +7,7 @@ import torch
 
 from magnet_asr.models import MagnetWhisper, MagnetWhisperConfig
 from magnet_asr.schema import load_run_config
-from magnet_asr.training.recipe import build_magnet_whisper
+from magnet_asr.training.builders import build_magnet_whisper
 from tiny import TINY_WHISPER
 
 PHONEME = {"variant": "mlp", "prior": 0.3, "target": "phoneme", "loss": ["binomial"]}
@@ -41,7 +41,7 @@ def test_a_compressor_that_disagrees_with_the_checkpoint_is_a_clear_error(checkp
 
 
 def test_phone_supervision_adds_the_phones_loss_and_the_collator_field():
-    from magnet_asr.training.recipe import predictor_settings
+    from magnet_asr.training.builders import predictor_settings
 
     cfg = load_run_config(["+experiments=magnet_demo", "compressor.phone_supervision_weight=0.5"])
     settings = predictor_settings(cfg)

@@ -89,7 +89,7 @@ def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(sources, tmp_pat
     from transformers import TrainingArguments
 
     from magnet_asr.data.collator import SpeechDataset
-    from magnet_asr.evaluation.speech_llm_decode import SpeechLLMRecognizer
+    from magnet_asr.evaluation.decode import SpeechLLMRecognizer
     from magnet_asr.training.trainer import MagnetTrainer
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Learned boundary compression: predict where segments end and pool the encoder frames per segment.
 
-Pure tensor code, independent of Whisper. Conventions (DESIGN.md): batch-first ``(B, L, D)``,
+Pure tensor code, independent of Whisper. Conventions (docs/architecture.md): batch-first ``(B, L, D)``,
 masks 1 = real frame, ``boundaries[b, t] = 1`` marks the last frame of a segment.
 
 - :func:`downsample` / :func:`upsample`: O(B·L·D) segment mean pooling and its inverse.

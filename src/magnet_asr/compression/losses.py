@@ -6,7 +6,7 @@ the batch, so a long utterance weighs in proportion to its frames and padding ne
 
 ``boundaries`` may carry a straight-through gradient (hard 0/1 values, soft gradient), which is how the
 count terms reach the predictor. Count losses keep a predictor from collapsing to no boundaries or to a
-boundary on every frame (DESIGN.md); watch both rates in the logs.
+boundary on every frame (docs/architecture.md); watch both rates in the logs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Boundary statistics for logs: how much the predictor compresses and what its segments look like.
 
-Watch for both collapses (DESIGN.md): ``compression_ratio`` near 1 (a boundary on every frame) or
+Watch for both collapses (docs/architecture.md): ``compression_ratio`` near 1 (a boundary on every frame) or
 ``segment_length_mean`` near the utterance length (no boundaries). Train and eval boundary rates
 differ: a Gumbel-sigmoid or Bernoulli draw fires with probability ``p`` whatever the temperature, while
 eval fires only where ``p > threshold``; log both (:func:`boundary_rates`).

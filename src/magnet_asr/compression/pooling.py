@@ -1,6 +1,6 @@
 """Segment pooling: ``downsample`` (frames -> one vector per segment) and ``upsample`` (back).
 
-Conventions (DESIGN.md): tensors are batch-first, ``mask`` is 1 on real frames, and
+Conventions (docs/architecture.md): tensors are batch-first, ``mask`` is 1 on real frames, and
 ``boundaries[b, t] = 1`` marks the **last** frame of a segment. Real frames after a sample's last
 boundary form one final segment; padding never joins a segment and a boundary on padding is ignored.
 Values above 0.5 count as boundaries, so straight-through tensors (hard 0/1 values carrying a soft

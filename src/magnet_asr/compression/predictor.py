@@ -13,7 +13,7 @@ Two variants share one interface, ``BoundaryPredictor(config)(hidden, mask, targ
 Training draws a binary Concrete / Gumbel-sigmoid sample (Maddison et al., 2017; Jang et al., 2017)
 ``y = sigmoid((z + log u - log(1-u)) / tau)``, thresholds it at 0.5 and passes the soft gradient
 straight through. ``P(y > 0.5) = p`` at any temperature: tau shapes the gradient, not the boundary
-rate (DESIGN.md). Evaluation thresholds ``p`` itself (optionally keeping local maxima of ``p`` below
+rate (docs/architecture.md). Evaluation thresholds ``p`` itself (optionally keeping local maxima of ``p`` below
 the threshold, :func:`threshold_boundaries`), so train and eval boundary rates differ until
 the probabilities become confident; :mod:`~magnet_asr.compression.monitoring` logs both.
 

@@ -81,7 +81,7 @@ def temperature(value: float, start: float = 1.0, end: float = 0.1, kind: str = 
 
     ``exponential`` (``start (end/start)^progress``, the usual Concrete annealing) or ``linear``.
     Lower temperatures make the straight-through gradient closer to the hard decision but noisier;
-    the boundary *rate* does not depend on the temperature (DESIGN.md).
+    the boundary *rate* does not depend on the temperature (docs/architecture.md).
     """
     _check_progress(value)
     if start <= 0 or end <= 0:

@@ -23,6 +23,8 @@ from magnet_asr.audio import (
 )
 from magnet_asr.data.manifest import Utterance
 
+IGNORE_INDEX = -100  # label positions the loss ignores (PyTorch's cross_entropy default)
+
 
 class SpeechDataset(torch.utils.data.Dataset):
     """Utterances from a manifest; ``__getitem__`` -> dict with ``audio`` or ``error``."""
@@ -139,7 +141,7 @@ class WhisperCollator:
         feats = [log_mel_spectrogram(it["audio"], self.n_mels, pad_to=self.pad_to) for it in good]
         batch["input_features"], batch["attention_mask"] = pad_features(feats)
         labels = [self.label_ids(it["text"]) for it in good]
-        batch["labels"] = pad_sequences(labels, -100)
+        batch["labels"] = pad_sequences(labels, IGNORE_INDEX)
         counts = collate_target_counts(
             [it["text"] for it in good], self.target, self.num_predictors, self.boundaries_per_unit
         )

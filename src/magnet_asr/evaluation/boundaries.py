@@ -28,7 +28,7 @@ the R-value of Räsänen et al. (2009): over-segmentation ``OS = predictions / r
 A score whose denominator is zero is ``None`` (precision without predictions, recall and R-value without
 references), except F1, which is 0 whenever there are references but no hit.
 
-Two ways segments get wasted (DESIGN.md, "Boundary quality, measured"):
+Two ways segments get wasted (docs/architecture.md, "Boundaries, measured"):
 
 - **adjacent**: a scored predicted boundary whose next segment end (the forced final one included) is the
   very next frame, i.e. it is followed by a one-frame (20 ms) segment. Needs no phone times.

@@ -3,7 +3,7 @@
 A recognizer turns a batch of 16 kHz waveforms into :class:`Transcription` objects. Plain Whisper
 checkpoints (bundled name, local directory or hub name) are decoded with transformers' ``generate``
 on 30 s padded input, as transformers does: a pretrained Whisper fed its exact length without
-fine-tuning collapses (DESIGN.md). Later model families register a loader in ``LOADERS`` under their
+fine-tuning collapses (docs/architecture.md). Later model families register a loader in ``LOADERS`` under their
 ``model_type``.
 """
 
@@ -23,6 +23,7 @@ import torch
 
 from magnet_asr.audio import (
     CHUNK_LENGTH,
+    ENCODER_FRAMES_PER_SECOND,
     N_SAMPLES,
     SAMPLE_RATE,
     SAMPLES_PER_ENCODER_FRAME,
@@ -30,8 +31,10 @@ from magnet_asr.audio import (
     log_mel_spectrogram,
     long_form_windows,
     num_encoder_frames,
+    num_frames,
 )
 from magnet_asr.models.whisper_generation import GREEDY, DecodingOptions, decode
+from magnet_asr.text import MAX_NEW_TOKENS_FLOOR, MAX_NEW_TOKENS_PER_SECOND
 
 if TYPE_CHECKING:
     from transformers import WhisperForConditionalGeneration
@@ -40,7 +43,6 @@ if TYPE_CHECKING:
 
 # Whisper emits roughly 3-4 tokens per second of speech; this cap stops a looping decoder early
 # without ever cutting a real transcript (Whisper's own hard limit is 448 target positions).
-TOKENS_PER_SECOND_CAP = 10
 MAX_WHISPER_NEW_TOKENS = 440
 
 
@@ -74,7 +76,7 @@ class Recognizer(Protocol):
 
 
 def max_new_tokens_for(seconds: float) -> int:
-    return int(min(MAX_WHISPER_NEW_TOKENS, 16 + TOKENS_PER_SECOND_CAP * seconds))
+    return int(min(MAX_WHISPER_NEW_TOKENS, MAX_NEW_TOKENS_FLOOR + MAX_NEW_TOKENS_PER_SECOND * seconds))
 
 
 # What transformers' own Whisper ``generate`` makes ``GenerationMixin.generate`` warn, whatever its caller
@@ -320,16 +322,58 @@ def _join(parts: Sequence[tuple[int, Transcription]]) -> Transcription:
     )
 
 
-def _load_speech_llm(path: str, device: str = "cpu") -> Recognizer:
-    from magnet_asr.evaluation.speech_llm_decode import SpeechLLMRecognizer
+class SpeechLLMRecognizer:
+    """A :class:`~magnet_asr.evaluation.decode.Recognizer` for SpeechLLM checkpoints.
 
-    return SpeechLLMRecognizer.from_pretrained(path, device)
+    ``compressed_frames`` is the number of audio tokens the LLM reads, so ``mean_compression`` is
+    encoder frames (50/s) per audio token.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "speech_llm", **decode: Any) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.decode = decode
+        encoder_config = model.encoder.config
+        self.n_mels = int(encoder_config.num_mel_bins)
+        learned = getattr(encoder_config, "position_encoding", "learned") == "learned"
+        self.max_seconds = (
+            encoder_config.max_source_positions / ENCODER_FRAMES_PER_SECOND
+            if learned
+            else float(CHUNK_LENGTH)
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu") -> SpeechLLMRecognizer:
+        """Load a saved SpeechLLM and its tokenizer (saved beside it, else the LLM's own)."""
+        from magnet_asr.models.speech_llm import SpeechLLM, load_tokenizer
+
+        model = SpeechLLM.from_pretrained(path, device=device)
+        has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(str(path) if has_tokenizer else model.config.llm_name)
+        return cls(model, tokenizer, name=str(path))
+
+    @torch.inference_mode()
+    def transcribe(self, waveforms: Sequence[np.ndarray]) -> list[Transcription]:
+        out = [Transcription("", 0, 0) for _ in waveforms]
+        usable = [i for i, w in enumerate(waveforms) if num_frames(len(w)) > 0]
+        if not usable:
+            return out
+        device = next(self.model.parameters()).device
+        features, mask = batch_features([waveforms[i] for i in usable], self.n_mels)
+        audio = self.model.embed_audio(features.to(device), mask.to(device))
+        skip = torch.tensor([is_silent(np.asarray(waveforms[i])) for i in usable])
+        tokens = self.model.generate(audio=audio, skip=skip, **self.decode)
+        texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+        for text, index, count in zip(texts, usable, audio.counts.tolist()):
+            out[index] = Transcription(text.strip(), num_encoder_frames(len(waveforms[index])), int(count))
+        return out
 
 
 LOADERS: dict[str, Callable[[str, str], Recognizer]] = {
     "whisper": WhisperRecognizer.from_pretrained,
     "magnet_whisper": MagnetWhisperRecognizer.from_pretrained,
-    "speech_llm": _load_speech_llm,
+    "speech_llm": SpeechLLMRecognizer.from_pretrained,
 }
 
 

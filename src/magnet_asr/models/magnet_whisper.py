@@ -32,6 +32,7 @@ from transformers.models.whisper.modeling_whisper import (
     shift_tokens_right,
 )
 
+from magnet_asr.data.collator import IGNORE_INDEX
 from magnet_asr.models.attention import RopeWhisperAttention, RotaryEmbedding, additive_mask
 from magnet_asr.models.encoder import MagnetEncoderOutput, MagnetWhisperEncoder, init_own_parameters
 
@@ -412,7 +413,7 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         boundary_loss = getattr(encoder_outputs, "boundary_loss", None)
         if labels is not None:
             asr_loss = nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
             )
             loss = (
                 asr_loss

@@ -10,7 +10,7 @@ Two steps, as in SLAM-ASR (Ma et al., 2024) and Ultravox:
    tokens do not depend on its batch.
 2. **MLP**: ``RMSNorm -> Linear -> GELU -> Linear -> RMSNorm``. The output RMSNorm is the important
    one: without it the audio embeddings come out orders of magnitude smaller (or larger) than the
-   LLM's token embeddings and the LLM treats them as noise (DESIGN.md). Its gain starts at the RMS of
+   LLM's token embeddings and the LLM treats them as noise (docs/architecture.md). Its gain starts at the RMS of
    the LLM's token embeddings (:func:`embedding_rms`), so audio and text tokens start on one scale.
 
 Optionally, :class:`EmbeddingCTCHead` scores each audio token against the LLM's own (frozen) token

@@ -9,7 +9,7 @@ before the projector stacks them, so the LLM reads far fewer audio tokens.
     features (B, n_mels, T) + mel mask (B, T)
       -> MagnetWhisperEncoder (frozen by default; predictors train)  -> (B, S, D) + mask (B, S)
       -> AudioProjector (stack k, MLP, RMSNorm)                      -> (B, A, H) + mask (B, A)
-      -> ChatPrompt.assemble: prefix + <audio> * A_i + suffix + response  (see data/llm_collator.py)
+      -> ChatPrompt.assemble: prefix + <audio> * A_i + suffix + response  (see models/processing_speech_llm.py)
       -> <audio> positions overwritten with the projector outputs -> LLM (LoRA / full / frozen)
 
 What is saved (``save_pretrained``) is only what trains: projector, predictors, LoRA adapters (the
@@ -33,8 +33,9 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from magnet_asr.audio import FRAMES_PER_SECOND
-from magnet_asr.data.llm_collator import IGNORE_INDEX, ChatPrompt
+from magnet_asr.data.collator import IGNORE_INDEX
 from magnet_asr.models.encoder import MagnetEncoderOutput, MagnetWhisperEncoder
+from magnet_asr.models.processing_speech_llm import DEFAULT_INSTRUCTION, ChatPrompt
 from magnet_asr.models.projector import AudioProjector, embedding_rms, merge_ctc_spikes
 
 __all__ = [
@@ -47,7 +48,12 @@ __all__ = [
 ]
 
 FINETUNE_MODES = ("lora", "full", "frozen")
-DEFAULT_INSTRUCTION = "Transcribe the audio."
+LORA_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+)  # all four attention projections (Hu et al. 2021, sec. 7.1)
 
 
 class SpeechLLMConfig(PretrainedConfig):
@@ -65,7 +71,7 @@ class SpeechLLMConfig(PretrainedConfig):
         (:func:`~magnet_asr.models.projector.merge_ctc_spikes`): learned compression to about the
         transcript's token rate.
     prompt: :meth:`ChatPrompt.to_dict` (the rendered template ids; training and inference share it).
-    decoding: defaults of ``evaluation/speech_llm_decode.DecodeSettings`` (``num_beams``, token caps,
+    decoding: defaults of ``models/speech_llm_generation.DecodeSettings`` (``num_beams``, token caps,
         ``repetition_penalty``, ``loop_guard``...). A dict: transformers reserves those names at top level.
     encoder_cache_gb: memory for the frozen encoder's outputs by utterance (0 disables).
     """
@@ -105,7 +111,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.lora_rank = int(lora_rank)
         self.lora_alpha = int(lora_alpha)
         self.lora_dropout = float(lora_dropout)
-        self.lora_target_modules = list(lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"])
+        self.lora_target_modules = list(lora_target_modules or LORA_TARGET_MODULES)
         self.projector_stack = int(projector_stack)
         self.projector_hidden_size = int(projector_hidden_size)
         self.projector_dropout = float(projector_dropout)
@@ -124,7 +130,7 @@ class SpeechLLMConfig(PretrainedConfig):
             raise ValueError(f"ctc_loss_weight must be >= 0, got {self.ctc_loss_weight}")
         if self.ctc_compression and self.ctc_loss_weight <= 0:
             raise ValueError("ctc_compression needs the CTC head: set ctc_loss_weight > 0")
-        from magnet_asr.evaluation.speech_llm_decode import DecodeSettings
+        from magnet_asr.models.speech_llm_generation import DecodeSettings
 
         DecodeSettings.from_config(self)  # unknown or invalid decoding keys fail here, not at decode time
 
@@ -559,9 +565,9 @@ class SpeechLLM(PreTrainedModel):
         **settings: Any,
     ) -> torch.Tensor:
         """Transcript token ids ``(B, N)`` (pad-filled, no end-of-turn); see
-        :func:`magnet_asr.evaluation.speech_llm_decode.generate_tokens` for ``settings``. Pass ``audio``
+        :func:`magnet_asr.models.speech_llm_generation.generate_tokens` for ``settings``. Pass ``audio``
         from :meth:`embed_audio` to reuse an encoder pass; ``skip (B,)`` forces empty outputs."""
-        from magnet_asr.evaluation.speech_llm_decode import generate_tokens
+        from magnet_asr.models.speech_llm_generation import generate_tokens
 
         if audio is None:
             if input_features is None:
@@ -628,7 +634,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     """The LLM's tokenizer (bundled name, local dir or hub name) with the ``<audio>`` token added."""
     from transformers import AutoTokenizer
 
-    from magnet_asr.data.llm_collator import prepare_tokenizer
+    from magnet_asr.models.processing_speech_llm import prepare_tokenizer
     from magnet_asr.weights import resolve_model
 
     return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model(name_or_path)))

@@ -3,7 +3,7 @@
 The teacher is the best model we have on the offline data: the pretrained checkpoint run the standard
 Whisper way (30 s padded input, eval mode, no gradient). Hard transcript labels through a few hundred
 CPU steps teach a compressed encoder little; the teacher gives every frame and every label position a
-dense target (DESIGN.md, "Distillation"):
+dense target (docs/architecture.md, "Distillation"):
 
 - **encoder frames**: the student's encoder output, one vector per segment, copied back over the frames
   each segment covers (:func:`~magnet_asr.compression.upsample`, through every predictor), is matched to
@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from magnet_asr.compression import upsample
+from magnet_asr.data.collator import IGNORE_INDEX
 from magnet_asr.data.manifest import Utterance
 
 _TAIL_EPS = 1e-6
@@ -218,7 +219,7 @@ class WhisperTeacher:
         n_mels = int(self.model.config.num_mel_bins)
         features = torch.stack([log_mel_spectrogram(w, n_mels, pad_to=self.n_samples) for w in waveforms])
         out = self.model(input_features=features.to(device), labels=labels.to(device))
-        real = labels.to(device) != -100
+        real = labels.to(device) != IGNORE_INDEX
         top, ids = _top_k(out.logits, temperature, top_k)
         encoder = out.encoder_last_hidden_state
         return [
@@ -284,8 +285,8 @@ def response_logits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     logits at position ``t`` predict token ``t + 1``. Row ``i`` keeps, in order, the positions that
     predict a response token, so a teacher and a student with different audio-token counts line up.
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)[:, -logits.shape[1] :]
-    real = targets != -100
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, -logits.shape[1] :]
+    real = targets != IGNORE_INDEX
     counts = real.sum(1)
     width = int(counts.max()) if len(counts) else 0
     out = logits.new_zeros(logits.shape[0], width, logits.shape[-1])
@@ -419,7 +420,7 @@ class Distiller:
             total = total + self.encoder_weight * parts["distill_encoder_loss"]
         if self.logits_weight:
             if whisper:
-                logits, real = outputs.logits, labels != -100
+                logits, real = outputs.logits, labels != IGNORE_INDEX
             else:
                 logits, real = response_logits(outputs.logits, outputs.labels)
             logprobs, token_ids = _pad_logits(found, logits, real)
@@ -432,7 +433,7 @@ class Distiller:
     def _keys(self, batch: dict[str, Any]) -> list[str]:
         rows = batch["labels"]
         return [
-            self.cache.key(i, p, row[row != -100].tolist())
+            self.cache.key(i, p, row[row != IGNORE_INDEX].tolist())
             for i, p, row in zip(batch["utterance_ids"], batch["audio_paths"], rows)
         ]
 

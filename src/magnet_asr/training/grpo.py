@@ -58,6 +58,7 @@ from magnet_asr.compression import BoundaryPredictor, binomial_count_loss, group
 from magnet_asr.compression.losses import repulsion_loss
 from magnet_asr.compression.pooling import frame_mask, last_real_frame
 from magnet_asr.compression.predictor import threshold_boundaries
+from magnet_asr.data.collator import IGNORE_INDEX
 from magnet_asr.training.trainer import MagnetTrainer
 
 if TYPE_CHECKING:
@@ -167,9 +168,12 @@ def per_sample_asr_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """``(N,)`` mean token cross-entropy of each row of ``logits (N, T, V)`` against ``labels (N, T)``
     (-100 = ignored); a row without labels gets 0."""
     tokens = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view(labels.shape)
-    valid = labels != -100
+    valid = labels != IGNORE_INDEX
     return (tokens * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1)
 
 
@@ -423,12 +427,12 @@ def freeze_for_grpo(model: nn.Module, train_all: bool = False) -> list[str]:
 
 
 def load_policy_model(cfg: Any) -> MagnetWhisper:
-    """The model GRPO starts from (:func:`~magnet_asr.training.recipe.build_magnet_whisper`: a
+    """The model GRPO starts from (:func:`~magnet_asr.training.builders.build_magnet_whisper`: a
     ``MagnetWhisper`` checkpoint with its trained predictors, or any Whisper checkpoint with new ones),
     frozen by :func:`freeze_for_grpo`. ``encoder.freeze`` and ``encoder.gradient_checkpointing`` apply
     as in the supervised recipe.
     """
-    from magnet_asr.training.recipe import build_magnet_whisper
+    from magnet_asr.training.builders import build_magnet_whisper
 
     if not cfg.compressor.enabled:
         raise ValueError("GRPO trains boundary predictors: set compressor.enabled (and its layers)")
@@ -443,10 +447,10 @@ def load_policy_model(cfg: Any) -> MagnetWhisper:
 
 
 def setup_grpo(cfg: Any) -> Any:
-    """A GRPO run's :class:`~magnet_asr.training.recipe.ModelSetup`: :func:`load_policy_model`, the
+    """A GRPO run's :class:`~magnet_asr.training.builders.ModelSetup`: :func:`load_policy_model`, the
     checkpoint's tokenizer, a ``WhisperCollator`` with the compressor's targets, the recognizer for
     validation WER, and the predictors' learning rate."""
-    from magnet_asr.training.recipe import magnet_whisper_setup
+    from magnet_asr.training.builders import magnet_whisper_setup
 
     return magnet_whisper_setup(cfg, load_policy_model(cfg))
 

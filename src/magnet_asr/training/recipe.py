@@ -8,18 +8,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import OmegaConf
 
 from magnet_asr.data.manifest import Utterance, read_manifest
+from magnet_asr.training.builders import ModelSetup
 
 if TYPE_CHECKING:
-    from magnet_asr.models import MagnetWhisper
+    pass
 
 
 @dataclass
@@ -54,145 +54,12 @@ def _setup_data(cfg: Any) -> DataSplits:
     )
 
 
-def predictor_settings(cfg: Any) -> dict[str, Any]:
-    """``BoundaryPredictorConfig`` keyword arguments from the ``compressor`` config group."""
-    c = cfg.compressor
-    losses = [c.loss] if c.loss else []
-    weights = [1.0] * len(losses)
-    if c.phone_supervision_weight:
-        losses.append("phones")
-        weights.append(float(c.phone_supervision_weight))
-    return {
-        "variant": c.variant,
-        "prior": 1.0 / c.compression,
-        "temperature": c.temperature,
-        "threshold": c.threshold,
-        "peak_threshold": c.peak_threshold,
-        "pooling": c.pooling,
-        "target": c.target,
-        "loss": losses,
-        "loss_weights": weights,
-        "loss_weight": c.loss_weight,
-        "reembed_positions": c.reembed_positions,
-        "train_sampling": c.train_sampling,
-        "repulsion_distance": c.repulsion_distance,
-        "input_norm": c.input_norm and c.variant == "mlp",
-        "max_segment_frames": c.max_segment_frames,
-    }
-
-
-@dataclass
-class ModelSetup:
-    """What a model family gives the shared recipe."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
-    make_recognizer: Callable[[torch.nn.Module], Any]
-    learning_rates: dict[str, float] = field(default_factory=dict)
-    # runs once before a fresh (not resumed) training, with the built trainer; returns figures to report
-    before_training: Callable[[Any], dict[str, Any]] | None = None
-    # distillation from a teacher (training.distillation.Distiller): its trainer adds the loss parts
-    distiller: Any = None
-
-
-def encoder_settings(cfg: Any) -> dict[str, Any]:
-    """``MagnetWhisperConfig`` keyword arguments from the ``encoder`` and ``compressor`` groups."""
-    settings: dict[str, Any] = {
-        "position_encoding": cfg.encoder.position_encoding,
-        "extra_conv_strides": list(cfg.encoder.extra_conv_strides),
-    }
-    if cfg.compressor.enabled:
-        settings.update(
-            predictor_layers=list(cfg.compressor.layers),
-            predictor_settings=predictor_settings(cfg),
-            proportional_attention=cfg.compressor.proportional_attention,
-        )
-    return settings
-
-
-def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
-    """Tokenizer, collator, recognizer and learning rates around a MagnetWhisper ``model``."""
-    from transformers import AutoTokenizer
-
-    from magnet_asr.data.collator import WhisperCollator
-    from magnet_asr.evaluation.decode import MagnetWhisperRecognizer
-    from magnet_asr.weights import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.encoder.name))
-    num_predictors = len(model.config.predictor_layers)
-    collator = WhisperCollator(
-        tokenizer,
-        n_mels=model.config.num_mel_bins,
-        target=cfg.compressor.target if num_predictors else None,
-        num_predictors=num_predictors,
-        boundaries_per_unit=cfg.compressor.boundaries_per_unit,
-        phone_boundaries=bool(num_predictors and cfg.compressor.phone_supervision_weight),
-    )
-    rates = {}
-    if cfg.training.predictor_learning_rate is not None:
-        rates["predictors."] = cfg.training.predictor_learning_rate
-    # the trainer hands make_recognizer its (unwrapped) model, i.e. this MagnetWhisper
-    return ModelSetup(
-        model,
-        tokenizer,
-        collator,
-        lambda m: MagnetWhisperRecognizer(cast("MagnetWhisper", m), tokenizer, name=cfg.run_name),
-        rates,
-    )
-
-
-def build_magnet_whisper(cfg: Any) -> MagnetWhisper:
-    """The MagnetWhisper a run starts from.
-
-    ``encoder.name`` is either a ``MagnetWhisper`` checkpoint (e.g. ``runs/magnet_demo/final``: continue
-    training it), loaded with its trained predictors, which must agree with the ``compressor`` group
-    (layers, target kind; their other settings come from the checkpoint); or any Whisper checkpoint,
-    which gets new predictors from the ``compressor`` group.
-    """
-    from magnet_asr.evaluation.decode import model_type_of
-    from magnet_asr.models import MagnetWhisper
-    from magnet_asr.weights import resolve_model
-
-    path = resolve_model(cfg.encoder.name)
-    if model_type_of(path) != "magnet_whisper":
-        return MagnetWhisper.from_whisper(cfg.encoder.name, **encoder_settings(cfg))
-    model = MagnetWhisper.from_pretrained(path)
-    c = cfg.compressor
-    layers = list(model.config.predictor_layers)
-    targets = {p.config.target for p in model.model.encoder.predictors.values()}
-    wanted_layers = list(c.layers) if c.enabled else []
-    wanted_targets = {c.target} if c.enabled else set()
-    if wanted_layers != layers or targets != wanted_targets:
-        raise ValueError(
-            f"{cfg.encoder.name}: checkpoint has predictors at layers {layers} with targets "
-            f"{sorted(targets)}, the config asks for compressor.layers={wanted_layers}, "
-            f"target={sorted(wanted_targets)}; make them agree"
-        )
-    return model
-
-
-def _setup_magnet_whisper(cfg: Any) -> ModelSetup:
-    model = build_magnet_whisper(cfg)
-    if cfg.encoder.freeze:
-        for name, param in model.model.encoder.named_parameters():
-            param.requires_grad = "predictors." in name
-    if cfg.encoder.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    setup = magnet_whisper_setup(cfg, model)
-    if cfg.distillation.enabled:
-        from magnet_asr.training.distillation import build_distiller
-
-        setup.distiller = build_distiller(cfg)
-        setup.collator.keep_ids = True  # type: ignore[attr-defined]
-    return setup
-
-
 def _setup_model(cfg: Any) -> ModelSetup:
     if cfg.model == "magnet_whisper":
+        from magnet_asr.training.builders import setup_magnet_whisper
         from magnet_asr.training.grpo import grpo_enabled, setup_grpo
 
-        return setup_grpo(cfg) if grpo_enabled(cfg) else _setup_magnet_whisper(cfg)
+        return setup_grpo(cfg) if grpo_enabled(cfg) else setup_magnet_whisper(cfg)
     if cfg.model == "speech_llm":
         from magnet_asr.training.speech_llm import setup_speech_llm
 

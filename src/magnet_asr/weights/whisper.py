@@ -277,7 +277,7 @@ def generation_config(config: Any, tokens: WhisperTokens, ct2_config: dict[str, 
 
     ``_from_model_config=False`` marks them as the checkpoint's own: otherwise transformers rebuilds the
     generation config from the model config on reload and drops ``lang_to_id``/``task_to_id``, so
-    ``generate(language=...)`` fails (DESIGN.md). English-only models get no language/task tables, so
+    ``generate(language=...)`` fails (docs/architecture.md). English-only models get no language/task tables, so
     a plain ``generate()`` starts with ``<|startoftranscript|><|notimestamps|>``. Multilingual ones default
     to ``task="transcribe"``: without it a plain ``generate()`` detects the language but then prompts
     ``<|startoftranscript|><|en|><|notimestamps|>`` with no task token, and the decoder loops (measured

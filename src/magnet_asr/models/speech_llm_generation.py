@@ -1,6 +1,7 @@
-"""Decoding for the SpeechLLM: ``generate`` with guards, and the :class:`SpeechLLMRecognizer`.
+"""SpeechLLM generation: ``generate`` with guards (the recognizer that drives it is in
+:mod:`magnet_asr.evaluation.decode`).
 
-Guards against what LLM decoders do on audio (DESIGN.md, known traps):
+Guards against what LLM decoders do on audio (docs/architecture.md, "Known traps"):
 
 - **length**: each sample may write at most ``floor + rate * seconds`` tokens (its own audio, not the
   batch's longest, so a sample decodes the same alone and in a batch);
@@ -9,7 +10,7 @@ Guards against what LLM decoders do on audio (DESIGN.md, known traps):
 - **empty or silent audio**: never reaches the LLM; its transcript is ``""`` instead of a hallucination.
 
 Prompts are left-padded for generation (transformers derives positions from the attention mask), and
-right-padded for training; both come from the same :class:`~magnet_asr.data.llm_collator.ChatPrompt`.
+right-padded for training; both come from the same :class:`~magnet_asr.models.processing_speech_llm.ChatPrompt`.
 """
 
 from __future__ import annotations
@@ -17,28 +18,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from magnet_asr.audio import (
-    CHUNK_LENGTH,
-    ENCODER_FRAMES_PER_SECOND,
-    is_silent,
-    num_encoder_frames,
-    num_frames,
-)
 from magnet_asr.data.collator import pad_sequences
-from magnet_asr.evaluation.decode import Transcription, batch_features
+from magnet_asr.text import MAX_NEW_TOKENS_FLOOR, MAX_NEW_TOKENS_PER_SECOND
 
 __all__ = [
     "DecodeSettings",
     "LoopGuard",
     "SampleLengthLimit",
-    "SpeechLLMRecognizer",
     "generate_tokens",
     "trim_loop",
 ]
@@ -49,8 +40,8 @@ class DecodeSettings:
     """Decoding knobs; defaults come from the model config (:meth:`from_config`)."""
 
     num_beams: int = 1
-    max_new_tokens_per_second: float = 10.0  # speech is ~3-5 LLM tokens/s: 10 never cuts a transcript
-    max_new_tokens_floor: int = 16
+    max_new_tokens_per_second: float = MAX_NEW_TOKENS_PER_SECOND
+    max_new_tokens_floor: int = MAX_NEW_TOKENS_FLOOR
     max_new_tokens: int | None = None  # a fixed cap instead of the per-sample one
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
@@ -184,51 +175,3 @@ def generate_tokens(
         for row, index, limit in zip(tokens.tolist(), rows, limits):
             results[index] = _clean(row, stops, limit, settings.loop_guard)
     return pad_sequences(results, model.prompt.pad_id)
-
-
-class SpeechLLMRecognizer:
-    """A :class:`~magnet_asr.evaluation.decode.Recognizer` for SpeechLLM checkpoints.
-
-    ``compressed_frames`` is the number of audio tokens the LLM reads, so ``mean_compression`` is
-    encoder frames (50/s) per audio token.
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, name: str = "speech_llm", **decode: Any) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name
-        self.decode = decode
-        encoder_config = model.encoder.config
-        self.n_mels = int(encoder_config.num_mel_bins)
-        learned = getattr(encoder_config, "position_encoding", "learned") == "learned"
-        self.max_seconds = (
-            encoder_config.max_source_positions / ENCODER_FRAMES_PER_SECOND
-            if learned
-            else float(CHUNK_LENGTH)
-        )
-
-    @classmethod
-    def from_pretrained(cls, path: str, device: str = "cpu") -> SpeechLLMRecognizer:
-        """Load a saved SpeechLLM and its tokenizer (saved beside it, else the LLM's own)."""
-        from magnet_asr.models.speech_llm import SpeechLLM, load_tokenizer
-
-        model = SpeechLLM.from_pretrained(path, device=device)
-        has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(str(path) if has_tokenizer else model.config.llm_name)
-        return cls(model, tokenizer, name=str(path))
-
-    @torch.inference_mode()
-    def transcribe(self, waveforms: Sequence[np.ndarray]) -> list[Transcription]:
-        out = [Transcription("", 0, 0) for _ in waveforms]
-        usable = [i for i, w in enumerate(waveforms) if num_frames(len(w)) > 0]
-        if not usable:
-            return out
-        device = next(self.model.parameters()).device
-        features, mask = batch_features([waveforms[i] for i in usable], self.n_mels)
-        audio = self.model.embed_audio(features.to(device), mask.to(device))
-        skip = torch.tensor([is_silent(np.asarray(waveforms[i])) for i in usable])
-        tokens = self.model.generate(audio=audio, skip=skip, **self.decode)
-        texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
-        for text, index, count in zip(texts, usable, audio.counts.tolist()):
-            out[index] = Transcription(text.strip(), num_encoder_frames(len(waveforms[index])), int(count))
-        return out
