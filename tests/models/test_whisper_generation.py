@@ -8,6 +8,8 @@ import torch
 from magnet_asr.models import MagnetWhisper, MagnetWhisperConfig
 from magnet_asr.models.whisper_generation import (
     DecodingOptions,
+    _Attempt,
+    _best,
     _is_silence,
     _needs_fallback,
     decode,
@@ -64,14 +66,23 @@ def test_scores_are_the_log_probs_generate_decoded_with():
     assert all(0 < p < 1 for p in no_speech)
 
 
-def test_fallback_retries_looping_rows_until_the_last_temperature_and_is_reproducible():
+def test_fallback_retries_looping_rows_at_every_temperature_and_is_reproducible(monkeypatch):
     model = _model()
     encoded = _encoded(model)
     options = DecodingOptions(temperatures=(0.0, 0.5, 1.0))
+    batches = []
+    generate = model.generate
+
+    def counting(**kwargs):
+        batches.append(kwargs["encoder_outputs"].last_hidden_state.shape[0])
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", counting)
     # a random model never ends: every attempt hits the 4-token cap, so every row is retried to the end
     first = decode(model, encoded, _Tokenizer(), 4, options)
+    assert batches == [3, 3, 3]
     assert first.hit_token_cap == [True] * 3
-    assert first.temperature == [1.0] * 3
+    assert all(t in options.temperatures for t in first.temperature)
     assert all(len(t) == 4 for t in first.tokens)
     again = decode(model, encoded, _Tokenizer(), 4, options)
     assert again.tokens == first.tokens  # the sampling retries draw from a seeded generator
@@ -111,17 +122,31 @@ def test_a_confident_greedy_hypothesis_is_kept():
     assert all(avg > -1e-3 for avg in got.avg_logprob)
 
 
+def _attempt(avg: float, no_speech: float = 0.1, repetitive: bool = False, temperature: float = 0.0):
+    return _Attempt([7], False, avg, no_speech, temperature, repetitive)
+
+
 def test_fallback_and_silence_rules_follow_openai_whisper():
     options = DecodingOptions()
-    assert not _needs_fallback("a fine sentence", False, -0.3, 0.1, options)
-    assert _needs_fallback("a fine sentence", False, -1.5, 0.1, options)  # unlikely
-    assert _needs_fallback("la " * 40, False, -0.1, 0.1, options)  # repetitive (gzip ratio > 2.4)
-    assert _needs_fallback("a fine sentence", True, -0.1, 0.1, options)  # hit the token cap
+    assert not _needs_fallback(_attempt(-0.3), options)
+    assert _needs_fallback(_attempt(-1.5), options)  # unlikely
+    assert _needs_fallback(_attempt(-0.1, repetitive=True), options)  # gzip ratio > 2.4 or the token cap
     # likely no speech and an unlikely hypothesis: silence, kept (and emptied), not retried
-    assert _is_silence(0.9, -1.5, options) and not _needs_fallback("you", False, -1.5, 0.9, options)
+    assert _is_silence(0.9, -1.5, options) and not _needs_fallback(_attempt(-1.5, no_speech=0.9), options)
     # a likely hypothesis overrides the no-speech probability
     assert not _is_silence(0.9, -0.5, options)
     assert not _is_silence(0.5, -1.5, options)
+
+
+def test_a_row_keeps_the_first_passing_attempt_else_its_likeliest_that_does_not_loop():
+    options = DecodingOptions()
+    passing = _attempt(-0.5, temperature=0.4)
+    assert _best([_attempt(-1.5), passing, _attempt(-0.2, temperature=0.6)], options) is passing
+    likeliest = _attempt(-1.2, temperature=0.2)
+    failed = [_attempt(-1.4), likeliest, _attempt(-0.3, repetitive=True), _attempt(-2.0, temperature=1.0)]
+    assert _best(failed, options) is likeliest
+    loops = [_attempt(-0.9, repetitive=True), _attempt(-0.4, repetitive=True)]
+    assert _best(loops, options) is loops[1]
 
 
 def test_select_rows_indexes_tensors_and_drops_per_predictor_tuples():

@@ -5,7 +5,8 @@ hypothesis at rising temperatures (0.2, 0.4 ... 1.0, sampling) while it is too r
 ratio of its text above 2.4) or too unlikely (mean log-probability per token, end-of-text included, below
 -1); and it gives an empty transcript when the model's probability of the no-speech token at the first
 decoding step is above 0.6 and the hypothesis is unlikely too. We add one retry reason: decoding stopped at
-the token cap (a loop whose text the gzip ratio missed).
+the token cap (a loop whose text the gzip ratio missed), and, as faster-whisper does, a row whose every
+attempt failed keeps its likeliest attempt that does not loop rather than the last one.
 
 transformers' Whisper ``generate`` has the same options, but its fallback and no-speech check re-run the
 encoder on 30 s input features: they cannot take the compressed, variable-length encoder output of a
@@ -72,8 +73,8 @@ class Decoded:
 
     tokens: list[list[int]]
     hit_token_cap: list[bool]
-    avg_logprob: list[float | None] = field(default_factory=list)
-    no_speech_prob: list[float | None] = field(default_factory=list)
+    avg_logprob: list[float] = field(default_factory=list)
+    no_speech_prob: list[float] = field(default_factory=list)
     temperature: list[float] = field(default_factory=list)
     no_speech: list[bool] = field(default_factory=list)
 
@@ -170,15 +171,32 @@ def score_hypotheses(
     return averages, no_speech
 
 
-def _needs_fallback(text: str, capped: bool, avg: float, no_speech: float, options: DecodingOptions) -> bool:
-    unlikely = options.logprob_threshold is not None and avg < options.logprob_threshold
-    if _is_silence(no_speech, avg, options):
+@dataclass
+class _Attempt:
+    tokens: list[int]
+    capped: bool
+    avg_logprob: float
+    no_speech_prob: float
+    temperature: float
+    repetitive: bool  # gzip ratio above the threshold, or cut at the token cap: a loop
+
+
+def _needs_fallback(attempt: _Attempt, options: DecodingOptions) -> bool:
+    if _is_silence(attempt.no_speech_prob, attempt.avg_logprob, options):
         return False
-    repetitive = (
-        options.compression_ratio_threshold is not None
-        and compression_ratio(text) > options.compression_ratio_threshold
-    )
-    return repetitive or unlikely or capped
+    unlikely = options.logprob_threshold is not None and attempt.avg_logprob < options.logprob_threshold
+    return attempt.repetitive or unlikely
+
+
+def _best(attempts: Sequence[_Attempt], options: DecodingOptions) -> _Attempt:
+    """The attempt a row keeps: the first that passed the checks; when none did, the likeliest attempt that
+    does not loop, else the likeliest of all (faster-whisper's choice; openai-whisper keeps the last,
+    which at temperature 1 is often the worst)."""
+    for attempt in attempts:
+        if not _needs_fallback(attempt, options):
+            return attempt
+    no_loop = [a for a in attempts if not a.repetitive]
+    return max(no_loop or attempts, key=lambda a: a.avg_logprob)
 
 
 def _is_silence(no_speech: float, avg: float, options: DecodingOptions) -> bool:
@@ -211,7 +229,7 @@ def decode(
         return Decoded(tokens, [len(t) >= max_new_tokens for t in tokens])
 
     prompt = decoder_prompt(model.generation_config, multilingual)
-    result = Decoded([[] for _ in everyone], [False] * batch, [None] * batch, [None] * batch, [0.0] * batch)
+    tried: list[list[_Attempt]] = [[] for _ in everyone]
     rows = everyone
     device = encoder_outputs["last_hidden_state"].device
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -223,18 +241,22 @@ def decode(
             averages, no_speech = score_hypotheses(
                 model, select_rows(encoder_outputs, rows), prompt, tokens, [not c for c in caps]
             )
-            retry = []
             for i, t, capped, avg, nsp in zip(rows, tokens, caps, averages, no_speech):
-                result.tokens[i], result.hit_token_cap[i] = t, capped
-                result.avg_logprob[i], result.no_speech_prob[i], result.temperature[i] = avg, nsp, temperature
                 text = tokenizer.decode(t, skip_special_tokens=True)
-                if _needs_fallback(text, capped, avg, nsp, options):
-                    retry.append(i)
-            rows = retry
+                repetitive = capped or (
+                    options.compression_ratio_threshold is not None
+                    and compression_ratio(text) > options.compression_ratio_threshold
+                )
+                tried[i].append(_Attempt(t, capped, avg, nsp, temperature, repetitive))
+            rows = [i for i in rows if _needs_fallback(tried[i][-1], options)]
             if not rows:
                 break
-    result.no_speech = [
-        _is_silence(float(nsp), float(avg), options)  # type: ignore[arg-type]
-        for nsp, avg in zip(result.no_speech_prob, result.avg_logprob)
-    ]
-    return result
+    kept = [_best(attempts, options) for attempts in tried]
+    return Decoded(
+        tokens=[a.tokens for a in kept],
+        hit_token_cap=[a.capped for a in kept],
+        avg_logprob=[a.avg_logprob for a in kept],
+        no_speech_prob=[a.no_speech_prob for a in kept],
+        temperature=[a.temperature for a in kept],
+        no_speech=[_is_silence(a.no_speech_prob, a.avg_logprob, options) for a in kept],
+    )
