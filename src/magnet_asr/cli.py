@@ -72,11 +72,23 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from magnet_asr.evaluation.decode import model_type_of
+    from magnet_asr.models.speech_llm import export_merged
+
+    if model_type_of(args.model) != "speech_llm":
+        raise ValueError(f"{args.model}: only a SpeechLLM with LoRA adapters has anything to merge")
+    print(export_merged(args.model, args.out))
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
     from magnet_asr.schema import load_run_config
     from magnet_asr.training.recipe import train
 
-    train(load_run_config(args.overrides))
+    train(load_run_config(args.overrides), command=shlex.join(["magnet-asr", "train", *args.overrides]))
     return 0
 
 
@@ -164,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_beams(p)
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_cmd_transcribe)
+
+    p = sub.add_parser(
+        "export", help="write a saved model in another form (--merge: LoRA merged into the LLM)"
+    )
+    p.add_argument("model", help="a saved model directory, e.g. runs/speech_llm_demo/final")
+    p.add_argument("--merge", action="store_true", required=True, help="merge the LoRA adapters into the LLM")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("train", help="train from Hydra configs, e.g. `train +experiments=magnet_demo`")
     p.add_argument(

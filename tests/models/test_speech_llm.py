@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from transformers import (
 )
 
 from magnet_asr.models.processing_speech_llm import AUDIO_TOKEN, ChatPrompt, prepare_tokenizer
-from magnet_asr.models.speech_llm import SpeechLLM, build_speech_llm, read_weights
+from magnet_asr.models.speech_llm import ADAPTER_FOLDER, SpeechLLM, build_speech_llm, read_weights
 from tiny import TINY_LLAMA
 from tiny import TINY_WHISPER as TINY
 
@@ -259,6 +260,57 @@ def test_save_load_round_trip_is_identical(sources, settings, tmp_path):
     assert torch.equal(loaded.generate(feats, mask), model.generate(feats, mask))
     # what Trainer does on resume: a non-strict load of the saved tensors reports nothing missing
     assert loaded.load_state_dict(read_weights(tmp_path), strict=False).missing_keys == []
+
+
+def test_lora_is_saved_as_peft_adapter_files_that_peft_loads_on_the_base_llm(sources, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = randomize(build(sources))
+    model.save_pretrained(tmp_path)
+    adapter = tmp_path / ADAPTER_FOLDER
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "adapter_config.json").exists()  # transformers would take DIR for an adapter
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == sources[1] and config["r"] == 4
+    peft_llm = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(sources[1]), str(adapter)
+    ).eval()
+    ids = torch.randint(4, 20, (2, 7))
+    torch.testing.assert_close(peft_llm(input_ids=ids).logits, model.llm(input_ids=ids).logits)
+    # and the adapters do something: without them the logits differ
+    plain = AutoModelForCausalLM.from_pretrained(sources[1]).eval()
+    assert not torch.allclose(plain(input_ids=ids).logits, model.llm(input_ids=ids).logits)
+
+
+def test_merged_model_gives_the_same_outputs_without_lora_and_reloads(sources, tmp_path):
+    model = randomize(build(sources))
+    merged = model.merged()
+    assert merged.config.llm_finetune == "full"
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    feats, mask, _ = ragged()
+    torch.testing.assert_close(merged(feats, mask).logits, model(feats, mask).logits, atol=1e-5, rtol=1e-5)
+    merged.save_pretrained(tmp_path)
+    assert not (tmp_path / ADAPTER_FOLDER).exists()
+    loaded = SpeechLLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(feats, mask).logits, merged(feats, mask).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="nothing to merge"):
+        loaded.merged()
+
+
+def test_export_merge_command_writes_a_loadable_merged_model(sources, tmp_path, capsys):
+    from magnet_asr.cli import main
+
+    model = randomize(build(sources))
+    model.save_pretrained(tmp_path / "lora")
+    assert main(["export", str(tmp_path / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    merged = SpeechLLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.llm_finetune == "full"
+    feats, mask, _ = ragged()
+    torch.testing.assert_close(merged(feats, mask).logits, model(feats, mask).logits, atol=1e-5, rtol=1e-5)
+    capsys.readouterr()
+    assert main(["export", sources[0], "--merge", "--out", str(tmp_path / "x")]) == 2
+    assert "only a SpeechLLM" in capsys.readouterr().err
 
 
 def test_greedy_generation_is_batch_invariant_and_beam_search_runs(sources):

@@ -64,6 +64,13 @@ def test_train_end_to_end_skips_bad_samples(
 
     loaded = MagnetWhisper.from_pretrained(out_dir / "final")
     assert loaded.config.predictor_layers == [1]
+    card = (out_dir / "final" / "README.md").read_text()
+    assert f"- {tiny_whisper_dir.name}" in card and "magnet-asr train " in card
+    assert f"| {speech_manifest.name} test | " in card
+    for saved in (out_dir / "final").iterdir():  # the directory can be copied or pushed as it is
+        if saved.suffix in (".json", ".md", ".txt", ".jinja"):
+            text = saved.read_text()
+            assert str(tmp_path) not in text and str(tiny_whisper_dir.parent) not in text, saved.name
 
 
 def test_killed_run_resumes_to_the_same_weights(

@@ -350,7 +350,10 @@ class SpeechLLMRecognizer:
 
         model = SpeechLLM.from_pretrained(path, device=device)
         has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(str(path) if has_tokenizer else model.config.llm_name)
+        source = str(path) if has_tokenizer else model.config.llm_name
+        if not source:
+            raise ValueError(f"{path}: no tokenizer saved beside the model and no llm_name in its config")
+        tokenizer = load_tokenizer(source)
         return cls(model, tokenizer, name=str(path))
 
     @torch.inference_mode()

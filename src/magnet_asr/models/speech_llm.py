@@ -19,6 +19,7 @@ local directory or hub name), which ``from_pretrained`` loads again.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 FINETUNE_MODES = ("lora", "full", "frozen")
+ADAPTER_FOLDER = "adapter"  # PEFT adapter files of a saved LoRA SpeechLLM
 LORA_TARGET_MODULES = (
     "q_proj",
     "k_proj",
@@ -306,18 +308,35 @@ def load_llm(config: SpeechLLMConfig) -> PreTrainedModel:
     return cast(PreTrainedModel, model)
 
 
-def add_lora(llm: PreTrainedModel, config: SpeechLLMConfig) -> PreTrainedModel:
-    """Inject LoRA layers in place; the model keeps its class, so ``generate`` is the plain HF one."""
-    from peft import LoraConfig, inject_adapter_in_model
+def lora_config(config: SpeechLLMConfig) -> Any:
+    """PEFT's ``LoraConfig`` of a SpeechLLM's adapters, naming the LLM by its hub name where it has one
+    (what ``PeftModel.from_pretrained`` and serving tools read as the base model)."""
+    from peft import LoraConfig
 
-    lora = LoraConfig(
+    return LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=list(config.lora_target_modules),
         bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=hub_name(config.llm_name) if config.llm_name else None,
     )
-    return cast(PreTrainedModel, inject_adapter_in_model(lora, llm))
+
+
+def add_lora(llm: PreTrainedModel, config: SpeechLLMConfig) -> PreTrainedModel:
+    """Inject LoRA layers in place; the model keeps its class, so ``generate`` is the plain HF one."""
+    from peft import inject_adapter_in_model
+
+    return cast(PreTrainedModel, inject_adapter_in_model(lora_config(config), llm))
+
+
+def hub_name(name: str) -> str:
+    """A bundled model's hub equivalent (``smollm2-135m-instruct`` -> ``HuggingFaceTB/SmolLM2-135M-Instruct``);
+    any other name unchanged."""
+    from magnet_asr.weights import BUNDLED
+
+    return BUNDLED[name].hub_equivalent if name in BUNDLED else name
 
 
 def _token_embedding_rms(llm: PreTrainedModel) -> float:
@@ -333,6 +352,7 @@ class SpeechLLM(PreTrainedModel):
     """Whisper encoder + :class:`AudioProjector` + causal LM; see the module docstring."""
 
     config_class = SpeechLLMConfig
+    config: SpeechLLMConfig
     base_model_prefix = "speech_llm"
     main_input_name = "input_features"
     supports_gradient_checkpointing = True
@@ -577,10 +597,54 @@ class SpeechLLM(PreTrainedModel):
 
     # --- save / load ------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs: Any):  # type: ignore[override]
-        """Save the config and only the trained tensors (:meth:`is_saved_key`), as safetensors."""
+        """Save the config and only the trained tensors (:meth:`is_saved_key`), as safetensors; with LoRA,
+        also the adapters as PEFT's own files in ``ADAPTER_FOLDER`` (``adapter_config.json``,
+        ``adapter_model.safetensors``), which ``PeftModel.from_pretrained(llm, DIR/adapter)`` loads on the
+        base LLM. A subfolder, because transformers takes a directory with ``adapter_config.json`` at its top
+        for an adapter of the model that config names."""
         state = state_dict if state_dict is not None else self.state_dict()
         kept = {k: v for k, v in state.items() if self.is_saved_key(k)}
-        return super().save_pretrained(save_directory, state_dict=kept, **kwargs)
+        adapter = self.adapter_tensors(kept) if self.config.llm_finetune == "lora" else None
+        result = super().save_pretrained(save_directory, state_dict=kept, **kwargs)  # it empties `kept`
+        if adapter is not None and kwargs.get("is_main_process", True):
+            from safetensors.torch import save_file
+
+            directory = Path(save_directory) / ADAPTER_FOLDER
+            directory.mkdir(parents=True, exist_ok=True)
+            lora_config(self.config).save_pretrained(str(directory))
+            save_file(adapter, str(directory / "adapter_model.safetensors"))
+        return result
+
+    def adapter_tensors(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The LoRA tensors of ``state`` (default: this model's) under the keys of PEFT's adapter file:
+        the LLM's own parameter names under ``base_model.model.``, without the adapter's name."""
+        state = state if state is not None else self.state_dict()
+        return {
+            "base_model.model." + k[len("llm.") :].replace(".default.", "."): v.detach().contiguous()
+            for k, v in state.items()
+            if k.startswith("llm.") and "lora_" in k
+        }
+
+    def merged(self) -> SpeechLLM:
+        """This model with its LoRA adapters merged into the LLM (``llm_finetune='full'``): the same outputs,
+        no PEFT layers, loadable and servable as a plain model (``magnet-asr export --merge``)."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        if self.config.llm_finetune != "lora":
+            raise ValueError(
+                f"nothing to merge: this SpeechLLM's llm_finetune is '{self.config.llm_finetune}'"
+            )
+        llm = load_llm(self.config)
+        llm.to(self.device)  # type: ignore[arg-type]  # PreTrainedModel.to's functools.wraps stub
+        base = get_peft_model(llm, lora_config(self.config))
+        unknown = getattr(set_peft_model_state_dict(base, self.adapter_tensors()), "unexpected_keys", [])
+        if unknown:
+            raise RuntimeError(f"LoRA tensors PEFT does not know: {unknown[:3]}")
+        config = copy.deepcopy(self.config)
+        config.llm_finetune = "full"
+        out = type(self)(config, encoder=self.encoder, llm=cast(PreTrainedModel, base.merge_and_unload()))
+        out.projector.load_state_dict(self.projector.state_dict())
+        return out.eval()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         """Load trained tensors; frozen keys are not expected (they come from the named sources)."""
@@ -613,6 +677,19 @@ class SpeechLLM(PreTrainedModel):
         if device is not None:
             model.to(device)
         return model.eval()
+
+
+def export_merged(source: str | Path, out: str | Path) -> Path:
+    """Write ``source`` (a saved LoRA SpeechLLM) to ``out`` with its adapters merged into the LLM, with
+    its tokenizer; returns ``out``."""
+    model = SpeechLLM.from_pretrained(source).merged()
+    out = Path(out)
+    model.save_pretrained(out)
+    if (Path(source) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out))
+    return out
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -160,8 +160,10 @@ def logging_environment(report_to: list[str], output_dir: Path) -> None:
         print(f"W&B: no WANDB_API_KEY, logging offline to {output_dir}/wandb (upload with `wandb sync`)")
 
 
-def train(cfg: Any) -> dict[str, Any]:
-    """Run a whole training job from a composed run config; returns the final results."""
+def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
+    """Run a whole training job from a composed run config; returns the final results.
+
+    ``command``: the command line that started it, for the model card in ``final/``."""
     from magnet_asr.evaluation.evaluate import evaluate, write_json
 
     output_dir = Path(cfg.training.output_dir)
@@ -208,6 +210,9 @@ def train(cfg: Any) -> dict[str, Any]:
     if setup.distiller is not None:
         results["distillation"] = setup.distiller.summary()
     write_json(results, output_dir / "results.json")
+    from magnet_asr.training.model_card import write_model_card
+
+    write_model_card(final_dir, cfg, results, command, trainer.state.global_step)
     brief = {
         k: {m: v.get(m) for m in ("wer", "mean_compression", "rtfx")} for k, v in results["test"].items()
     }
