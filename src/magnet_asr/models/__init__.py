@@ -1,6 +1,7 @@
 """Model families; importing this registers them with the transformers Auto classes."""
 
 from transformers import AutoConfig, AutoModelForSpeechSeq2Seq
+from transformers.models.auto.modeling_auto import MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
 
 from magnet_asr.models.magnet_whisper import MagnetWhisper, MagnetWhisperConfig
 from magnet_asr.models.processing_speech_llm import ChatPrompt
@@ -10,6 +11,10 @@ from magnet_asr.models.whisper_generation import DecodingOptions
 
 AutoConfig.register(MagnetWhisperConfig.model_type, MagnetWhisperConfig, exist_ok=True)
 AutoModelForSpeechSeq2Seq.register(MagnetWhisperConfig, MagnetWhisper, exist_ok=True)
+# transformers' ASR pipeline tells a seq2seq model from a CTC one by its class name in this table, not by
+# the Auto registration above; without the entry it would decode a MagnetWhisper as CTC logits.
+# Pinned by tests/training/test_recipe.py (a trained final/ read by the pipeline, type "seq2seq").
+MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.setdefault(MagnetWhisperConfig.model_type, MagnetWhisper.__name__)
 
 __all__ = [
     "AudioProjector",

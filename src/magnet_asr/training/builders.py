@@ -57,6 +57,8 @@ class ModelSetup:
     before_training: Callable[[Any], dict[str, Any]] | None = None
     # distillation from a teacher (training.distillation.Distiller): its trainer adds the loss parts
     distiller: Any = None
+    # saved into final/ beside the tokenizer, for transformers' ASR pipeline
+    feature_extractor: Any = None
 
 
 def encoder_settings(cfg: Any) -> dict[str, Any]:
@@ -75,8 +77,9 @@ def encoder_settings(cfg: Any) -> dict[str, Any]:
 
 
 def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
-    """Tokenizer, collator, recognizer and learning rates around a MagnetWhisper ``model``."""
-    from transformers import AutoTokenizer
+    """Tokenizer, collator, recognizer, feature extractor and learning rates around a MagnetWhisper
+    ``model``."""
+    from transformers import AutoTokenizer, WhisperFeatureExtractor
 
     from magnet_asr.data.collator import WhisperCollator
     from magnet_asr.evaluation.decode import MagnetWhisperRecognizer
@@ -95,6 +98,8 @@ def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
     rates = {}
     if cfg.training.predictor_learning_rate is not None:
         rates["predictors."] = cfg.training.predictor_learning_rate
+    # the mel settings our features use (magnet_asr.audio), so a pipeline reads the audio as training did
+    features = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
     # the trainer hands make_recognizer its (unwrapped) model, i.e. this MagnetWhisper
     return ModelSetup(
         model,
@@ -102,6 +107,7 @@ def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
         collator,
         lambda m: MagnetWhisperRecognizer(cast("MagnetWhisper", m), tokenizer, name=cfg.run_name),
         rates,
+        feature_extractor=features,
     )
 
 

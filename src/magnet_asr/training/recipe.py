@@ -192,6 +192,8 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     if not trainer.is_world_process_zero():
         return {}
     setup.tokenizer.save_pretrained(str(final_dir))
+    if setup.feature_extractor is not None:
+        setup.feature_extractor.save_pretrained(str(final_dir))
     results: dict[str, Any] = {"run_name": cfg.run_name, "model_dir": str(final_dir), "test": {}}
     if prepared:
         results["before_training"] = prepared
