@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,21 @@ def _tiny_models():
 
 TINY = _tiny_models()
 sources = TINY.sources  # the module-scoped fixture: tiny Whisper + tiny Llama checkpoints on disk
+
+
+@pytest.fixture(scope="module")
+def whisper_window_sources(tmp_path_factory, sources):
+    """``sources`` with a tiny Whisper that has Whisper's 1500 positions (30 s): what a pipeline's feature
+    extractor pads every chunk to."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from tiny import TINY_WHISPER
+
+    out = tmp_path_factory.mktemp("whisper_1500")
+    torch.manual_seed(0)
+    config = WhisperConfig(**{**TINY_WHISPER, "max_source_positions": 1500})
+    WhisperForConditionalGeneration(config).save_pretrained(out)
+    return str(out), sources[1]
 
 
 def _config(sources, experiment: str, *extra: str):
@@ -85,7 +103,8 @@ def _utterances(root: Path, count: int):
     return out
 
 
-def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(sources, tmp_path):
+def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(whisper_window_sources, tmp_path):
+    sources = whisper_window_sources
     from transformers import TrainingArguments
 
     from magnet_asr.data.collator import SpeechDataset
@@ -126,11 +145,41 @@ def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(sources, tmp_pat
     assert logged and all(np.isfinite(h["loss"]) for h in logged) and "compression" in logged[0]
     assert np.isfinite(trainer.evaluate()["eval_wer"])
 
-    trainer.save_model(str(tmp_path / "final"))
-    tokenizer.save_pretrained(str(tmp_path / "final"))
-    reloaded = SpeechLLMRecognizer.from_pretrained(str(tmp_path / "final"))
+    final = tmp_path / "final"
+    trainer.save_model(str(final))  # what the recipe saves into final/
+    tokenizer.save_pretrained(str(final))
+    setup.feature_extractor.save_pretrained(str(final))
+    reloaded = SpeechLLMRecognizer.from_pretrained(str(final))
     audio = [np.asarray(SpeechDataset(utterances)[1]["audio"])]
     assert reloaded.transcribe(audio) == make_recognizer(model).transcribe(audio)
+
+    # PEFT loads the adapters on the base LLM and gives the trained LLM's logits
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_llm = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(sources[1]), str(final / "adapter")
+    )
+    ids = torch.randint(4, 20, (1, 6))
+    torch.testing.assert_close(peft_llm.eval()(input_ids=ids).logits, model.llm.eval()(input_ids=ids).logits)
+
+    # transformers' ASR pipeline reads final/ in a fresh interpreter: a short clip, and 70 s in 30 s chunks
+    script = (
+        "import sys, numpy as np, magnet_asr.models\n"
+        "from transformers import pipeline\n"
+        "asr = pipeline('automatic-speech-recognition', model=sys.argv[1])\n"
+        "assert asr.type == 'seq2seq', asr.type\n"
+        "noise = 0.1 * np.random.default_rng(0).normal(size=16000 * 70).astype(np.float32)\n"
+        "short = asr({'raw': noise[:32000], 'sampling_rate': 16000})\n"
+        "long = asr({'raw': noise, 'sampling_rate': 16000}, chunk_length_s=30, ignore_warning=True)\n"
+        "print(type(short['text']).__name__, type(long['text']).__name__)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(final)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["str", "str"]
 
 
 @pytest.mark.parametrize("mode", ["full", "frozen"])

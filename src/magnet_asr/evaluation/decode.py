@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
     from magnet_asr.models import MagnetWhisper
 
-# Whisper emits roughly 3-4 tokens per second of speech; this cap stops a looping decoder early
-# without ever cutting a real transcript (Whisper's own hard limit is 448 target positions).
+# Whisper's decoder has 448 target positions; its prompt takes a few of them. Below that, the per-second
+# cap of magnet_asr.text (MAX_NEW_TOKENS_PER_SECOND) stops a looping decoder early.
 MAX_WHISPER_NEW_TOKENS = 440
 
 

@@ -50,6 +50,10 @@ __all__ = [
 
 FINETUNE_MODES = ("lora", "full", "frozen")
 ADAPTER_FOLDER = "adapter"  # PEFT adapter files of a saved LoRA SpeechLLM
+# generate() keywords a transformers pipeline passes that the chat prompt already decides
+PIPELINE_IGNORED = ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id")
+# from_pretrained() keywords transformers' loaders pass that mean nothing for a local SpeechLLM directory
+LOADER_IGNORED = ("adapter_kwargs", "local_files_only", "revision", "trust_remote_code", "_from_pipeline")
 LORA_TARGET_MODULES = (
     "q_proj",
     "k_proj",
@@ -586,9 +590,17 @@ class SpeechLLM(PreTrainedModel):
     ) -> torch.Tensor:
         """Transcript token ids ``(B, N)`` (pad-filled, no end-of-turn); see
         :func:`magnet_asr.models.speech_llm_generation.generate_tokens` for ``settings``. Pass ``audio``
-        from :meth:`embed_audio` to reuse an encoder pass; ``skip (B,)`` forces empty outputs."""
-        from magnet_asr.models.speech_llm_generation import generate_tokens
+        from :meth:`embed_audio` to reuse an encoder pass; ``skip (B,)`` forces empty outputs.
 
+        Called the way transformers' ASR pipeline calls a seq2seq model's ``generate`` too: the special-token
+        ids it adds are the prompt's business here (:data:`PIPELINE_IGNORED`), and a ``generation_config``
+        contributes the settings it shares with ours (``num_beams``, ``max_new_tokens``...)."""
+        from magnet_asr.models.speech_llm_generation import generate_tokens, settings_from_generation
+
+        generation_config = settings.pop("generation_config", None)
+        settings = {k: v for k, v in settings.items() if k not in PIPELINE_IGNORED}
+        if generation_config is not None:
+            settings = {**settings_from_generation(generation_config), **settings}
         if audio is None:
             if input_features is None:
                 raise ValueError("generate needs input_features or audio")
@@ -666,17 +678,29 @@ class SpeechLLM(PreTrainedModel):
         ``device`` (keyword) moves the model; the model is returned in eval mode, as HF does.
         """
         device = kwargs.pop("device", None)
-        if args or kwargs:  # silently ignoring e.g. dtype= would hand back something else than asked
+        dtype = kwargs.pop("dtype", None)
+        given = kwargs.pop("config", None)  # what AutoModel passes: the directory's own config, read again
+        for key in LOADER_IGNORED:
+            kwargs.pop(key, None)
+        if args or kwargs:  # silently ignoring e.g. quantization would hand back something else than asked
             raise TypeError(
-                f"SpeechLLM.from_pretrained takes a path and device=, got {args} {sorted(kwargs)}"
+                f"SpeechLLM.from_pretrained takes a path, device= and dtype=, got {args} {sorted(kwargs)}"
             )
         path = Path(pretrained_model_name_or_path)
-        config = SpeechLLMConfig.from_pretrained(str(path))
+        config = given if isinstance(given, SpeechLLMConfig) else SpeechLLMConfig.from_pretrained(str(path))
         model = cls(config)
         model.load_state_dict(read_weights(path), strict=True)
+        if isinstance(dtype, torch.dtype):  # "auto" or None: as saved (float32)
+            model.to(dtype)  # type: ignore[arg-type]  # PreTrainedModel.to's functools.wraps stub
         if device is not None:
             model.to(device)
         return model.eval()
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """True: :meth:`generate` takes input features and returns token ids, as a seq2seq model's does
+        (transformers' pipelines ask before they call it)."""
+        return True
 
 
 def export_merged(source: str | Path, out: str | Path) -> Path:

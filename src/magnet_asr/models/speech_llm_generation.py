@@ -146,6 +146,21 @@ def _clean(tokens: Sequence[int], stops: set[int], limit: int, loop_guard: bool)
     return trim_loop(out) if loop_guard else out
 
 
+def settings_from_generation(generation_config: Any) -> dict[str, Any]:
+    """The :class:`DecodeSettings` a transformers ``GenerationConfig`` sets away from its defaults."""
+    from transformers import GenerationConfig
+
+    default, shared = (
+        GenerationConfig(),
+        ("num_beams", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size"),
+    )
+    return {
+        name: getattr(generation_config, name)
+        for name in shared
+        if getattr(generation_config, name, None) != getattr(default, name, None)
+    }
+
+
 def generate_tokens(
     model: Any, audio: Any, skip: torch.Tensor | None = None, **overrides: Any
 ) -> torch.Tensor:

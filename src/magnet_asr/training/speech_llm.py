@@ -156,6 +156,8 @@ def setup_speech_llm(cfg: Any) -> ModelSetup:
     The tokenizer carries the added ``<audio>`` token; save it beside the model (``from_pretrained`` of
     the recognizer falls back to the LLM's own tokenizer otherwise).
     """
+    from transformers import WhisperFeatureExtractor
+
     from magnet_asr.data.llm_collator import SpeechLLMCollator
 
     projector = cfg.projector
@@ -202,4 +204,5 @@ def setup_speech_llm(cfg: Any) -> ModelSetup:
         learning_rates(cfg),
         before_training=warm_up if projector.ctc_warmup_steps > 0 else None,
         distiller=distiller,
+        feature_extractor=WhisperFeatureExtractor(feature_size=model.encoder.config.num_mel_bins),
     )
