@@ -73,7 +73,7 @@ def test_train_end_to_end_skips_bad_samples(
             assert str(tmp_path) not in text and str(tiny_whisper_dir.parent) not in text, saved.name
     # transformers' own ASR pipeline reads it in a fresh interpreter: a short clip, and 70 s in 30 s chunks
     script = (
-        "import sys, numpy as np, magnet_asr.models\n"
+        "import sys, numpy as np, magnet_asr\n"
         "from transformers import pipeline\n"
         "asr = pipeline('automatic-speech-recognition', model=sys.argv[1])\n"
         "assert asr.type == 'seq2seq', asr.type\n"

@@ -165,7 +165,7 @@ def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(whisper_window_s
 
     # transformers' ASR pipeline reads final/ in a fresh interpreter: a short clip, and 70 s in 30 s chunks
     script = (
-        "import sys, numpy as np, magnet_asr.models\n"
+        "import sys, numpy as np, magnet_asr\n"
         "from transformers import pipeline\n"
         "asr = pipeline('automatic-speech-recognition', model=sys.argv[1])\n"
         "assert asr.type == 'seq2seq', asr.type\n"
