@@ -101,6 +101,14 @@ def model_card(cfg: Any, results: dict[str, Any], command: str | None, steps: in
         "magnet-asr transcribe --model THIS_DIRECTORY audio.wav",
         "```",
         "",
+        "```python",
+        "import magnet_asr  # registers the model type with transformers",
+        "from transformers import pipeline",
+        "",
+        'asr = pipeline("automatic-speech-recognition", model="THIS_DIRECTORY")',
+        'print(asr("audio.wav")["text"])',
+        "```",
+        "",
     ]
     return "\n".join(lines)
 
