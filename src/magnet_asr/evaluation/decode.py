@@ -178,7 +178,12 @@ class WhisperRecognizer:
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, name=str(path))
 
-    def _decode(self, encoder_outputs: Any, waveforms: Sequence[np.ndarray]) -> tuple[list[str], list[bool]]:
+    def _decode(
+        self,
+        encoder_outputs: Any,
+        waveforms: Sequence[np.ndarray],
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[list[str], list[bool]]:
         """Texts and token-cap flags of a batch, from its encoder output. With the guards, digital silence
         reads as an empty transcript whatever the decoder says (tiny.en gives "you" with a mean
         log-probability above the no-speech rule's -1), as the SpeechLLM recognizer has always done."""
@@ -191,6 +196,7 @@ class WhisperRecognizer:
                 max_new_tokens_for(seconds),
                 self.decoding,
                 self.multilingual,
+                attention_mask,
             )
         texts = [
             "" if silent else text.strip()
@@ -211,7 +217,10 @@ class WhisperRecognizer:
         features = torch.stack([log_mel_spectrogram(w, self.n_mels, pad_to=N_SAMPLES) for w in waveforms])
         # Whisper reads the 30 s window whole (its padding is silence, as in pretraining)
         hidden = self.model.get_encoder()(features.to(device)).last_hidden_state
-        texts, capped = self._decode(BaseModelOutput(last_hidden_state=hidden), waveforms)
+        # every feature frame is real to Whisper (the padding is silence); saying so spares generate's
+        # "attention mask is not set with a batched input" warning
+        mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=device)
+        texts, capped = self._decode(BaseModelOutput(last_hidden_state=hidden), waveforms, mask)
         return [
             Transcription(text, num_encoder_frames(len(w)), num_encoder_frames(len(w)), hit_token_cap=cap)
             for text, w, cap in zip(texts, waveforms, capped)
@@ -265,7 +274,7 @@ class MagnetWhisperRecognizer(WhisperRecognizer):
             stride = math.prod(self.model.config.extra_conv_strides)
             stem = [num_encoder_frames(len(w)) for w in waveforms]
             boundaries = list(stem_segment_ends(encoded.boundary_outputs, stem, stride))
-        texts, capped = self._decode(encoded, waveforms)
+        texts, capped = self._decode(encoded, waveforms, mask.to(device))
         return [
             Transcription(t, int(b), int(a), boundary_frames=frames, hit_token_cap=cap)
             for t, b, a, frames, cap in zip(texts, before, after, boundaries, capped)

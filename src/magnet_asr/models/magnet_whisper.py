@@ -466,4 +466,6 @@ class MagnetWhisper(WhisperForConditionalGeneration):
         """Whisper ``generate`` on the compressed, variable-length encoder output (no padding to 30 s)."""
         if input_features is not None and "encoder_outputs" not in kwargs:
             kwargs["encoder_outputs"] = self.encode(input_features, attention_mask)
+        if attention_mask is not None:  # generate asks for it in a batch; the decoder reads the encoder's own
+            kwargs["attention_mask"] = attention_mask
         return super().generate(**kwargs)

@@ -212,6 +212,7 @@ def decode(
     max_new_tokens: int,
     options: DecodingOptions = GREEDY,
     multilingual: bool = False,
+    attention_mask: torch.Tensor | None = None,
 ) -> Decoded:
     """Decode a batch from its encoder output (``last_hidden_state (B, S, D)``, plus MagnetWhisper's
     ``encoder_attention_mask`` and ``segment_sizes``), with the guards when ``options.guards``."""
@@ -220,8 +221,11 @@ def decode(
     everyone = list(range(batch))
 
     def attempt(rows: list[int], temperature: float) -> list[list[int]]:
+        kwargs = dict(generate_kwargs)
+        if attention_mask is not None:  # the encoder input's mask, which generate asks for in a batch
+            kwargs["attention_mask"] = attention_mask[torch.as_tensor(rows, device=attention_mask.device)]
         return _generate(
-            model, select_rows(encoder_outputs, rows), temperature, max_new_tokens, options, generate_kwargs
+            model, select_rows(encoder_outputs, rows), temperature, max_new_tokens, options, kwargs
         )
 
     if not options.guards:
