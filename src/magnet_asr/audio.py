@@ -148,8 +148,9 @@ def long_form_windows(
     """``(start, end)`` sample ranges that cover ``audio`` in order, each at most ``max_seconds`` long.
 
     A clip that fits is one window. A longer one is cut where it is quietest: each window ends after the
-    encoder frame (20 ms) of least energy among its last ``search_seconds`` (at most a sixth of the window), so a cut falls in a pause
-    between words wherever the clip has one (on ties, the latest such frame). Cuts lie on the encoder-frame
+    encoder frame (20 ms) of least energy among its last ``search_seconds`` (at most a sixth of the window),
+    so a cut falls in a pause between words wherever the clip has one (on ties, the latest such frame).
+    Cuts lie on the encoder-frame
     grid, so window ``k``'s frames continue window ``k-1``'s, and the windows do not overlap: their
     transcripts are joined in order. The last window is at least one analysis window long.
     """

@@ -180,8 +180,8 @@ def evaluate(
         data=data_name,
         split=split,
         excluded={k: v for k, v in (left_out or {}).items() if v},
+        max_seconds=recognizer.max_seconds,
     )
-    result.max_seconds = recognizer.max_seconds
     loaded = sorted(_load(utterances, result), key=lambda x: len(x.audio))
     progress = tqdm(total=len(loaded), desc=f"decoding {recognizer.name}", unit="utt")
     for start in range(0, len(loaded), batch_size):
