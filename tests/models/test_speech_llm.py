@@ -254,7 +254,10 @@ def test_save_load_round_trip_is_identical(sources, settings, tmp_path):
         assert not any(k.startswith("llm.") and "lora_" not in k for k in saved)
         assert not any(k.startswith("encoder.") and ".predictors." not in k for k in saved)
     loaded = SpeechLLM.from_pretrained(tmp_path)
-    assert loaded.config.encoder_name == sources[0] and loaded.config.llm_name == sources[1]
+    # local frozen parts travel with the saved model (issue 13: no absolute path in a saved file)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["encoder_name"], config["llm_name"]) == ("sources/encoder", "sources/llm")
+    assert loaded.config.llm_name == str((tmp_path / "sources" / "llm").resolve())
     feats, mask, _ = ragged()
     torch.testing.assert_close(loaded(feats, mask).logits, model(feats, mask).logits, atol=0, rtol=0)
     assert torch.equal(loaded.generate(feats, mask), model.generate(feats, mask))
@@ -272,7 +275,8 @@ def test_lora_is_saved_as_peft_adapter_files_that_peft_loads_on_the_base_llm(sou
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "adapter_config.json").exists()  # transformers would take DIR for an adapter
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == sources[1] and config["r"] == 4
+    # a local LLM is copied into the model (sources/llm), not named by this machine's path
+    assert config["base_model_name_or_path"] is None and config["r"] == 4
     peft_llm = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(sources[1]), str(adapter)
     ).eval()
@@ -281,6 +285,32 @@ def test_lora_is_saved_as_peft_adapter_files_that_peft_loads_on_the_base_llm(sou
     # and the adapters do something: without them the logits differ
     plain = AutoModelForCausalLM.from_pretrained(sources[1]).eval()
     assert not torch.allclose(plain(input_ids=ids).logits, model.llm(input_ids=ids).logits)
+
+
+def test_a_saved_model_with_local_sources_loads_after_a_move_without_them(sources, tmp_path):
+    import shutil
+
+    model = randomize(build(sources))
+    model.save_pretrained(tmp_path / "saved")
+    copies = tmp_path / "copies"
+    shutil.copytree(tmp_path / "saved", copies / "first")
+    # its sources are deleted in effect: they load from the copy, never from the old place
+    shutil.move(str(copies / "first"), str(copies / "moved"))
+    for path in (copies / "moved").rglob("*"):
+        if path.is_file() and path.suffix in {".json", ".md", ".txt"}:
+            text = path.read_text()
+            assert str(tmp_path) not in text and sources[0] not in text and sources[1] not in text, path
+    loaded = SpeechLLM.from_pretrained(copies / "moved")
+    assert loaded.config.encoder_name.startswith(str((copies / "moved").resolve()))
+    feats, mask, _ = ragged()
+    torch.testing.assert_close(loaded(feats, mask).logits, model(feats, mask).logits, atol=0, rtol=0)
+    # saved again elsewhere, it copies its sources again: the second directory stands alone too
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["llm_name"] == "sources/llm"
+    assert (tmp_path / "again" / "sources" / "llm" / "model.safetensors").is_file()
+    # and saving into the directory it was loaded from keeps its sources where they are
+    loaded.save_pretrained(copies / "moved")
+    assert (copies / "moved" / "sources" / "encoder" / "config.json").is_file()
 
 
 def test_merged_model_gives_the_same_outputs_without_lora_and_reloads(sources, tmp_path):

@@ -50,10 +50,25 @@ __all__ = [
 
 FINETUNE_MODES = ("lora", "full", "frozen")
 ADAPTER_FOLDER = "adapter"  # PEFT adapter files of a saved LoRA SpeechLLM
+# A frozen part loaded from a local directory is copied under SOURCES_FOLDER/<field> of a saved model and named
+# there relative to it, so the saved directory can be copied or pushed and still load (issue 13).
+SOURCES_FOLDER = "sources"
+SOURCE_FIELDS = ("encoder_name", "llm_name")
 # generate() keywords a transformers pipeline passes that the chat prompt already decides
 PIPELINE_IGNORED = ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id")
 # from_pretrained() keywords transformers' loaders pass that mean nothing for a local SpeechLLM directory
-LOADER_IGNORED = ("adapter_kwargs", "local_files_only", "revision", "trust_remote_code", "_from_pipeline")
+# (AutoModel passes the hub-download ones since transformers 5.25)
+LOADER_IGNORED = (
+    "_from_auto",
+    "_from_pipeline",
+    "adapter_kwargs",
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "proxies",
+    "revision",
+    "trust_remote_code",
+)
 LORA_TARGET_MODULES = (
     "q_proj",
     "k_proj",
@@ -314,7 +329,8 @@ def load_llm(config: SpeechLLMConfig) -> PreTrainedModel:
 
 def lora_config(config: SpeechLLMConfig) -> Any:
     """PEFT's ``LoraConfig`` of a SpeechLLM's adapters, naming the LLM by its hub name where it has one
-    (what ``PeftModel.from_pretrained`` and serving tools read as the base model)."""
+    (what ``PeftModel.from_pretrained`` and serving tools read as the base model); a local LLM copied into
+    the saved model (:func:`copy_local_sources`) is named by no one, as PEFT does for a model without a name."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -324,7 +340,11 @@ def lora_config(config: SpeechLLMConfig) -> Any:
         target_modules=list(config.lora_target_modules),
         bias="none",
         task_type="CAUSAL_LM",
-        base_model_name_or_path=hub_name(config.llm_name) if config.llm_name else None,
+        base_model_name_or_path=(
+            hub_name(config.llm_name)
+            if config.llm_name and not config.llm_name.startswith(f"{SOURCES_FOLDER}/")
+            else None
+        ),
     )
 
 
@@ -617,14 +637,23 @@ class SpeechLLM(PreTrainedModel):
         state = state_dict if state_dict is not None else self.state_dict()
         kept = {k: v for k, v in state.items() if self.is_saved_key(k)}
         adapter = self.adapter_tensors(kept) if self.config.llm_finetune == "lora" else None
-        result = super().save_pretrained(save_directory, state_dict=kept, **kwargs)  # it empties `kept`
-        if adapter is not None and kwargs.get("is_main_process", True):
-            from safetensors.torch import save_file
+        main = kwargs.get("is_main_process", True)
+        names = {field: getattr(self.config, field) for field in SOURCE_FIELDS}
+        saved = copy_local_sources(self.config, Path(save_directory)) if main else names
+        try:  # the config is written naming the copies; the model in memory keeps its own sources
+            for field, name in saved.items():
+                setattr(self.config, field, name)
+            result = super().save_pretrained(save_directory, state_dict=kept, **kwargs)  # it empties `kept`
+            if adapter is not None and main:
+                from safetensors.torch import save_file
 
-            directory = Path(save_directory) / ADAPTER_FOLDER
-            directory.mkdir(parents=True, exist_ok=True)
-            lora_config(self.config).save_pretrained(str(directory))
-            save_file(adapter, str(directory / "adapter_model.safetensors"))
+                directory = Path(save_directory) / ADAPTER_FOLDER
+                directory.mkdir(parents=True, exist_ok=True)
+                lora_config(self.config).save_pretrained(str(directory))
+                save_file(adapter, str(directory / "adapter_model.safetensors"))
+        finally:
+            for field, name in names.items():
+                setattr(self.config, field, name)
         return result
 
     def adapter_tensors(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -680,15 +709,16 @@ class SpeechLLM(PreTrainedModel):
         device = kwargs.pop("device", None)
         dtype = kwargs.pop("dtype", None)
         given = kwargs.pop("config", None)  # what AutoModel passes: the directory's own config, read again
+        subfolder = kwargs.pop("subfolder", None) or ""
         for key in LOADER_IGNORED:
             kwargs.pop(key, None)
         if args or kwargs:  # silently ignoring e.g. quantization would hand back something else than asked
             raise TypeError(
                 f"SpeechLLM.from_pretrained takes a path, device= and dtype=, got {args} {sorted(kwargs)}"
             )
-        path = Path(pretrained_model_name_or_path)
+        path = Path(pretrained_model_name_or_path) / subfolder
         config = given if isinstance(given, SpeechLLMConfig) else SpeechLLMConfig.from_pretrained(str(path))
-        model = cls(config)
+        model = cls(with_saved_sources(config, path))
         model.load_state_dict(read_weights(path), strict=True)
         if isinstance(dtype, torch.dtype):  # "auto" or None: as saved (float32)
             model.to(dtype)  # type: ignore[arg-type]  # PreTrainedModel.to's functools.wraps stub
@@ -739,6 +769,42 @@ def load_tokenizer(name_or_path: str) -> Any:
     from magnet_asr.weights import resolve_model
 
     return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model(name_or_path)))
+
+
+def copy_local_sources(config: SpeechLLMConfig, directory: Path) -> dict[str, str | None]:
+    """Copy each frozen part named by a local directory into ``directory/SOURCES_FOLDER/<part>`` (its top-level
+    files: config, weights, tokenizer) and return the names a saved config gives them: the copies, relative
+    to ``directory``; bundled and hub names unchanged. A part already inside ``directory`` is not copied again."""
+    import shutil
+
+    from magnet_asr.weights import BUNDLED
+
+    names: dict[str, str | None] = {}
+    for field in SOURCE_FIELDS:
+        name = getattr(config, field)
+        source = Path(name) if name else None
+        if source is None or name in BUNDLED or not source.is_dir():
+            names[field] = name
+            continue
+        relative = f"{SOURCES_FOLDER}/{field.removesuffix('_name')}"
+        target = directory / relative
+        if not (target.is_dir() and target.resolve() == source.resolve()):
+            target.mkdir(parents=True, exist_ok=True)
+            for item in source.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, target / item.name)
+        names[field] = relative
+    return names
+
+
+def with_saved_sources(config: SpeechLLMConfig, directory: Path) -> SpeechLLMConfig:
+    """``config`` (read from ``directory``) with its frozen parts that were copied into the directory
+    (:func:`copy_local_sources`) named by their path here, so they load wherever the directory lies."""
+    for field in SOURCE_FIELDS:
+        name = getattr(config, field)
+        if name and name.startswith(f"{SOURCES_FOLDER}/") and (directory / name).is_dir():
+            setattr(config, field, str((directory / name).resolve()))
+    return config
 
 
 def _source_name(name: str) -> str:
