@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from librispeech_fixtures import utterances, write_librispeech_dataset, write_librispeech_folder
 from magnet_asr.data import CorpusError, build_corpus, read_manifest
-from magnet_asr.data.librispeech import build_librispeech, our_split
+from magnet_asr.data.corpora import resolve_data
+from magnet_asr.data.librispeech import (
+    HUB_NAME,
+    build_librispeech,
+    librispeech_source,
+    our_split,
+    split_folder,
+)
 
 datasets = pytest.importorskip("datasets")
 
@@ -117,14 +125,10 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def libri_utts():
-    from librispeech_fixtures import utterances
-
     return utterances()
 
 
 def test_split_names_either_way():
-    from magnet_asr.data.librispeech import split_folder
-
     assert [
         split_folder(n) for n in ("train.clean.100", "train.100", "dev-clean", "validation.other", "test")
     ] == [
@@ -138,8 +142,6 @@ def test_split_names_either_way():
 
 
 def test_split_spec_without_root_names_the_hub():
-    from magnet_asr.data.librispeech import HUB_NAME, librispeech_source
-
     source = librispeech_source("librispeech:train.other.500")
     assert (source.kind, source.location, source.config, source.splits) == (
         "hub",
@@ -151,10 +153,6 @@ def test_split_spec_without_root_names_the_hub():
 
 @pytest.mark.parametrize("fmt", ["folder", "disk", "parquet"])
 def test_split_specs_read_a_local_root(tmp_path, libri_utts, fmt):
-    from librispeech_fixtures import write_librispeech_dataset, write_librispeech_folder
-
-    from magnet_asr.data.corpora import resolve_data
-
     if fmt == "folder":
         root = write_librispeech_folder(tmp_path / "LibriSpeech", libri_utts)
     else:
@@ -174,10 +172,6 @@ def test_split_specs_read_a_local_root(tmp_path, libri_utts, fmt):
 
 
 def test_path_specs(tmp_path, libri_utts):
-    from librispeech_fixtures import write_librispeech_folder
-
-    from magnet_asr.data.corpora import resolve_data
-
     root = write_librispeech_folder(tmp_path / "LibriSpeech", libri_utts)
     whole = read_manifest(resolve_data(f"librispeech:{root}"))
     assert sorted({u.split for u in whole}) == ["test", "train", "validation"] and len(whole) == 12
