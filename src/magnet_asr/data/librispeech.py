@@ -106,6 +106,10 @@ def _local_splits(path: Path, folder: str) -> dict[str, str]:
     else:
         files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
         names = sorted({_parquet_split(f) for f in files} | {f.parent.name for f in files})
+        if not files:
+            raise CorpusError(
+                f"{path}: neither LibriSpeech folders, a save_to_disk dataset nor parquet files"
+            )
     config, short, long = LIBRISPEECH_SPLITS[folder]
     wanted = [folder, long] + ([short] if config == HUB_CONFIG else [])
     found = next((n for n in wanted if n in names), None)
@@ -134,7 +138,7 @@ def librispeech_source(spec: str, root: str | Path | None = None) -> LibriSource
             return LibriSource(spec, "folders", str(base), folders={base: our_split(folder)})
         if not base.exists():
             raise CorpusError(f"data.librispeech_root: {base} does not exist")
-        if _is_libri_folder(base):
+        if _is_libri_folder(base) or any(_is_libri_folder(sub) for sub in base.iterdir()):
             raise CorpusError(f"data.librispeech_root: {base} has no {folder}/ folder")
         return LibriSource(spec, "local", str(base), splits=_local_splits(base, folder))
     path = Path(rest).expanduser()

@@ -100,9 +100,8 @@ class MagnetTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def get_resumed_dataloader(self, dataloader: DataLoader, num_batches: int) -> DataLoader:
-        if isinstance(
-            dataloader, StreamLoader
-        ):  # restored in train(): skipping batches would read them again
+        # a stream was restored in train(): skipping its first batches would read and decode them again
+        if isinstance(dataloader, StreamLoader):
             return dataloader
         return super().get_resumed_dataloader(dataloader, num_batches)
 
