@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,36 +101,56 @@ def load_audio(
     message naming the file for a missing, unreadable, empty, too-short (under one analysis window),
     silent, non-finite or too-long clip.
     """
-    import soundfile as sf
-
     path = Path(path)
     if not path.exists():
         raise AudioError(f"{path}: file not found", "missing")
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
+    return _read_checked(str(path), path, sample_rate, max_seconds, allow_silent)
+
+
+def decode_audio(
+    data: bytes,
+    name: str,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
+    allow_silent: bool = False,
+) -> np.ndarray:
+    """:func:`load_audio` for an encoded file held in memory (a ``datasets`` row's audio bytes);
+    ``name`` (the utterance id) is what error messages name."""
+    import io
+
+    return _read_checked(io.BytesIO(data), name, sample_rate, max_seconds, allow_silent)
+
+
+def _read_checked(
+    source: Any, name: str | Path, sample_rate: int, max_seconds: float | None, allow_silent: bool
+) -> np.ndarray:
+    import soundfile as sf
+
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        data, sr = sf.read(source, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types for bad files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AudioError(f"{path}: cannot decode audio ({reason})") from None
+        raise AudioError(f"{name}: cannot decode audio ({reason})") from None
     if data.shape[0] == 0:
-        raise AudioError(f"{path}: empty audio (0 samples)", "empty")
+        raise AudioError(f"{name}: empty audio (0 samples)", "empty")
     if data.shape[0] / sr < MIN_SECONDS:
         raise AudioError(
-            f"{path}: audio is {data.shape[0] / sr * 1000:.1f} ms long, shorter than one "
+            f"{name}: audio is {data.shape[0] / sr * 1000:.1f} ms long, shorter than one "
             f"{MIN_SECONDS * 1000:g} ms analysis window",
             "too short",
         )
     if max_seconds is not None and data.shape[0] / sr > max_seconds:
         raise AudioError(
-            f"{path}: audio is {data.shape[0] / sr:.1f} s long, longer than the maximum of {max_seconds:g} s",
+            f"{name}: audio is {data.shape[0] / sr:.1f} s long, longer than the maximum of {max_seconds:g} s",
             "too long",
         )
     audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if not np.isfinite(audio).all():  # before resampling: soxr would smear a NaN over its neighbours
-        raise AudioError(f"{path}: audio contains NaN or Inf samples", "non-finite")
+        raise AudioError(f"{name}: audio contains NaN or Inf samples", "non-finite")
     audio = resample(audio, sr, sample_rate)
-    return validate(audio, path, max_seconds=max_seconds, allow_silent=allow_silent)
+    return validate(audio, name, max_seconds=max_seconds, allow_silent=allow_silent)
 
 
 def num_frames(num_samples: int) -> int:

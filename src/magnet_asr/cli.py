@@ -86,9 +86,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import shlex
 
     from magnet_asr.schema import load_run_config
-    from magnet_asr.training.recipe import train
+    from magnet_asr.training.recipe import dry_run, train
 
-    train(load_run_config(args.overrides), command=shlex.join(["magnet-asr", "train", *args.overrides]))
+    cfg = load_run_config(args.overrides)
+    if args.dry_run:
+        dry_run(cfg)
+    else:
+        train(cfg, command=shlex.join(["magnet-asr", "train", *args.overrides]))
     return 0
 
 
@@ -188,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from Hydra configs, e.g. `train +experiments=magnet_demo`")
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides (group=option, key=value, +experiments=NAME)"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the model and every dataset, print their sizes and parameter counts, train nothing",
     )
     p.set_defaults(func=_cmd_train)
 

@@ -149,6 +149,18 @@ class DataConfig:
     max_train_utterances: int | None = None
     max_eval_utterances: int | None = None
     num_workers: int = 0
+    # where `librispeech:SPLIT` specs are read before the hub: a LibriSpeech folder (train-clean-100/,
+    # dev-clean/...) or a local `datasets` dataset (save_to_disk folder, parquet files) with those splits
+    librispeech_root: str | None = None
+    # train from a `datasets` IterableDataset, decoding on the fly, without wav copies
+    # (magnet_asr.data.streaming); needs training.max_steps. Validation and test are still read as manifests
+    streaming: bool = False
+    # streamed rows held (encoded) at a time and cut into duration-sorted batches; more: less padding, more memory
+    stream_buffer_size: int = 500
+
+    def __post_init__(self) -> None:
+        if self.stream_buffer_size < 1:
+            raise ValueError(f"data.stream_buffer_size must be >= 1, got {self.stream_buffer_size}")
 
 
 @dataclass

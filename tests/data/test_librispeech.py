@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from librispeech_fixtures import utterances, write_librispeech_dataset, write_librispeech_folder
 from magnet_asr.data import CorpusError, build_corpus, read_manifest
-from magnet_asr.data.librispeech import build_librispeech, our_split
+from magnet_asr.data.corpora import resolve_data
+from magnet_asr.data.librispeech import (
+    HUB_NAME,
+    build_librispeech,
+    librispeech_source,
+    our_split,
+    split_folder,
+)
 
 datasets = pytest.importorskip("datasets")
 
@@ -110,3 +118,72 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch):
         CorpusError, match=r"^openslr/librispeech_asr: cannot load from the hub \(Couldn't reach .*\)$"
     ):
         build_librispeech(tmp_path / "out", streaming=True, limit=2)
+
+
+# --- librispeech:SPLIT and librispeech:PATH specs ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def libri_utts():
+    return utterances()
+
+
+def test_split_names_either_way():
+    assert [
+        split_folder(n) for n in ("train.clean.100", "train.100", "dev-clean", "validation.other", "test")
+    ] == [
+        "train-clean-100",
+        "train-clean-100",
+        "dev-clean",
+        "dev-other",
+        "test-clean",
+    ]
+    assert split_folder("holdout") is None
+
+
+def test_split_spec_without_root_names_the_hub():
+    source = librispeech_source("librispeech:train.other.500")
+    assert (source.kind, source.location, source.config, source.splits) == (
+        "hub",
+        HUB_NAME,
+        "other",
+        {"train.500": "train"},
+    )
+
+
+@pytest.mark.parametrize("fmt", ["folder", "disk", "parquet"])
+def test_split_specs_read_a_local_root(tmp_path, libri_utts, fmt):
+    if fmt == "folder":
+        root = write_librispeech_folder(tmp_path / "LibriSpeech", libri_utts)
+    else:
+        root = write_librispeech_dataset(tmp_path / fmt, libri_utts, fmt)
+    for spec, split, count in [
+        ("train.clean.100", "train", 8),
+        ("dev-clean", "validation", 2),
+        ("test.clean", "test", 2),
+    ]:
+        utts = read_manifest(resolve_data(f"librispeech:{spec}", librispeech_root=root))
+        assert {u.split for u in utts} == {split} and len(utts) == count, spec
+        assert all(1.0 < u.duration < 4.0 for u in utts)
+        if fmt == "folder":  # read in place: no copies
+            assert all(u.audio.startswith(str(root)) and u.audio.endswith(".flac") for u in utts)
+    missing = "has no test-other/ folder" if fmt == "folder" else "no split test-other / test.other in"
+    with pytest.raises(CorpusError, match=missing):
+        resolve_data("librispeech:test.other", librispeech_root=root)
+
+
+def test_path_specs(tmp_path, libri_utts):
+    root = write_librispeech_folder(tmp_path / "LibriSpeech", libri_utts)
+    whole = read_manifest(resolve_data(f"librispeech:{root}"))
+    assert sorted({u.split for u in whole}) == ["test", "train", "validation"] and len(whole) == 12
+    dev = read_manifest(resolve_data(f"librispeech:{root / 'dev-clean'}"))
+    assert [u.id for u in dev] == ["84-121-0000", "84-121-0001"] and dev[0].text == libri_utts["dev-clean"][
+        0
+    ][1]
+    (root / "dev-clean").rename(root / "mine")
+    with pytest.raises(CorpusError, match="cannot tell the split"):
+        resolve_data(f"librispeech:{root / 'mine'}")
+    with pytest.raises(CorpusError, match="neither a LibriSpeech split"):
+        resolve_data("librispeech:train-clean-1000")
+    with pytest.raises(CorpusError, match="librispeech_root: .* does not exist"):
+        resolve_data("librispeech:dev-clean", librispeech_root=tmp_path / "nowhere")

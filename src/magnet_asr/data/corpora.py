@@ -6,6 +6,8 @@ Corpora (each builds ``<out_dir>/manifest.jsonl``, ``out_dir`` defaulting to ``d
 - ``asterisk``: the real Asterisk prompts, fixed 70/10/20 split (:mod:`.asterisk`)
 - ``librispeech``: LibriSpeech from the hub, or a local dataset (:mod:`.librispeech`)
 - ``manifest``: a user folder / tsv / jsonl (option ``source``), imported as is (:mod:`.folder`)
+
+``librispeech:SPLIT`` / ``librispeech:PATH`` name one LibriSpeech split or a local copy (:mod:`.librispeech`).
 """
 
 from __future__ import annotations
@@ -121,11 +123,31 @@ def _import_dir(source: Path) -> Path:
     return data_dir() / "imports" / f"{source.stem or 'data'}-{key}"
 
 
-def resolve_data(spec: str | Path) -> Path:
+def resolve_librispeech(spec: str, librispeech_root: str | Path | None = None) -> Path:
+    """The manifest of a ``librispeech:SPLIT`` or ``librispeech:PATH`` spec (:mod:`.librispeech`): a folder in
+    the LibriSpeech layout is listed where it is, a ``datasets`` source (local or hub) is copied to wav once."""
+    from magnet_asr.data.librispeech import import_folders, librispeech_source
+
+    source = librispeech_source(spec, librispeech_root)
+    if source.kind == "folders":
+        key = hashlib.sha1("\n".join(str(f.resolve()) for f in source.folders).encode()).hexdigest()[:10]
+        return import_folders(source, data_dir() / "imports" / f"librispeech-{key}" / MANIFEST_NAME)
+    options: dict[str, Any] = {"source": source.location, "splits": source.splits}
+    if source.kind == "hub":
+        options["config"] = source.config
+        folder = f"librispeech-{'-'.join(source.splits or {})}-{source.config}"
+    else:
+        folder = _import_dir(Path(source.location)).name + "-" + "-".join(source.splits or {"all": ""})
+    return build_corpus("librispeech", out_dir=data_dir() / folder, **options)
+
+
+def resolve_data(spec: str | Path, librispeech_root: str | Path | None = None) -> Path:
     """The manifest ``spec`` stands for.
 
     - a corpus name (``synth``, ``asterisk``, ``librispeech``): its manifest in ``data_dir()``, built with
       default options when missing (only LibriSpeech needs the network);
+    - ``librispeech:SPLIT`` or ``librispeech:PATH`` (:mod:`.librispeech`): one LibriSpeech split, from
+      ``librispeech_root`` (``data.librispeech_root``) or the hub, or a local LibriSpeech folder or dataset;
     - a folder holding ``manifest.jsonl`` (a built corpus), or a complete jsonl manifest: that manifest;
     - any other folder, ``.tsv`` or ``.jsonl`` list: imported (durations, splits) into
       ``data_dir()/imports/`` every time, so edits to the source are picked up.
@@ -133,6 +155,10 @@ def resolve_data(spec: str | Path) -> Path:
     text = str(spec)
     if text in BUILDERS and text != "manifest" and not Path(text).exists():
         return build_corpus(text)
+    from magnet_asr.data.librispeech import SPEC_PREFIX
+
+    if text.startswith(SPEC_PREFIX):
+        return resolve_librispeech(text, librispeech_root)
     path = Path(text).expanduser()
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
         return path / MANIFEST_NAME
@@ -143,4 +169,7 @@ def resolve_data(spec: str | Path) -> Path:
 
         return import_source(path, _import_dir(path) / MANIFEST_NAME)
     names = ", ".join(n for n in BUILDERS if n != "manifest")
-    raise CorpusError(f"{spec}: neither a corpus ({names}) nor an existing folder, .tsv or .jsonl")
+    raise CorpusError(
+        f"{spec}: neither a corpus ({names}), a librispeech:SPLIT or librispeech:PATH, nor an existing "
+        "folder, .tsv or .jsonl"
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,15 +61,22 @@ def _id_of(path: Path, root: Path) -> str:
     return ".".join(rel.parts)
 
 
+def trans_entries(trans: Path) -> Iterator[tuple[str, Path, str]]:
+    """``(id, audio file, text)`` for each line of a LibriSpeech ``SPEAKER-CHAPTER.trans.txt`` (``ID text``)
+    whose audio file (``ID.flac`` or any audio extension) sits beside it."""
+    for line in trans.read_text(encoding="utf-8", errors="replace").splitlines():
+        utt, _, text = line.strip().partition(" ")
+        audio = _audio_beside(trans.parent / utt) if utt else None
+        if audio is not None:
+            yield utt, audio, text.strip()
+
+
 def scan_folder(folder: Path) -> list[Entry]:
     """Audio files with transcripts under ``folder`` (same-name ``.txt`` or LibriSpeech ``*.trans.txt``)."""
     entries: dict[Path, Entry] = {}
     for trans in sorted(folder.rglob("*.trans.txt")):
-        for line in trans.read_text(encoding="utf-8", errors="replace").splitlines():
-            utt, _, text = line.strip().partition(" ")
-            audio = _audio_beside(trans.parent / utt) if utt else None
-            if audio is not None:
-                entries[audio] = Entry(_id_of(audio, folder), audio, text.strip())
+        for _, audio, text in trans_entries(trans):
+            entries[audio] = Entry(_id_of(audio, folder), audio, text)
     for audio in sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()):
         transcript = audio.with_suffix(".txt")
         if audio not in entries and transcript.is_file():

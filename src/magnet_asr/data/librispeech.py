@@ -8,6 +8,19 @@ written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or parquet f
 Audio is read undecoded (``Audio(decode=False)``: bytes or a path) and decoded with soundfile, so no
 torchcodec / torchaudio is needed; every clip is written as 16 kHz wav under ``wav/`` and listed in the
 manifest. The text column is ``text`` (or ``sentence`` / ``transcription``), the id column ``id`` if present.
+
+Data specs (``data.train`` etc., resolved by :func:`magnet_asr.data.corpora.resolve_data`; :func:`librispeech_source`):
+
+- ``librispeech:SPLIT``: one LibriSpeech split, named as the folders (``train-clean-100``, ``dev-clean``...) or as
+  the hub (``train.clean.100``, ``validation.clean``, ``test.other``; the ``clean`` config's ``train.100``,
+  ``validation``, ``test``). Read from ``data.librispeech_root`` when set (a LibriSpeech folder holding
+  ``train-clean-100/`` etc., or a local ``datasets`` dataset with that split), else from the hub.
+- ``librispeech:PATH``: a local folder or file: a LibriSpeech split folder (``SPEAKER/CHAPTER/*.flac`` +
+  ``SPEAKER-CHAPTER.trans.txt``; its name gives the split) or the folder holding such split folders, a
+  ``save_to_disk`` dataset, or parquet file(s).
+
+A folder in the LibriSpeech layout is read in place (no copies); a ``datasets`` source is copied to wav, or
+streamed by :mod:`magnet_asr.data.streaming` (``data.streaming=true``).
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ from __future__ import annotations
 import io
 import itertools
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +39,17 @@ HUB_NAME = "openslr/librispeech_asr"
 HUB_CONFIG = "clean"
 HUB_SPLITS = {"train.100": "train", "validation": "validation", "test": "test"}
 TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript")
+SPEC_PREFIX = "librispeech:"
+# LibriSpeech's split folders -> (hub config, the split's name in that config, its name in config "all")
+LIBRISPEECH_SPLITS: dict[str, tuple[str, str, str]] = {
+    "train-clean-100": ("clean", "train.100", "train.clean.100"),
+    "train-clean-360": ("clean", "train.360", "train.clean.360"),
+    "train-other-500": ("other", "train.500", "train.other.500"),
+    "dev-clean": ("clean", "validation", "validation.clean"),
+    "dev-other": ("other", "validation", "validation.other"),
+    "test-clean": ("clean", "test", "test.clean"),
+    "test-other": ("other", "test", "test.other"),
+}
 
 
 def our_split(name: str) -> str:
@@ -39,6 +64,122 @@ def our_split(name: str) -> str:
     raise CorpusError(
         f"split {name!r}: cannot tell whether it is train, validation or test; pass splits={{...}}"
     )
+
+
+def split_folder(name: str) -> str | None:
+    """The LibriSpeech folder name (``train-clean-100``) of a split named either way (``train.clean.100``,
+    ``train.100``, ``dev-clean``); ``None`` when ``name`` is none of them. The ``clean`` config's names
+    (``validation``, ``test``) mean the clean splits, as on the hub."""
+    for folder, (config, short, long) in LIBRISPEECH_SPLITS.items():
+        if name in (folder, long) or (config == HUB_CONFIG and name == short):
+            return folder
+    return None
+
+
+@dataclass
+class LibriSource:
+    """Where a ``librispeech:`` spec's utterances come from.
+
+    ``kind``: ``folders`` (LibriSpeech layout, read in place: ``folders`` maps each split folder to our
+    split), ``local`` (a ``datasets`` dataset at ``location``) or ``hub`` (``location`` is the hub name).
+    ``splits`` maps the dataset's split names to ours (``None``: every split it has, by name).
+    """
+
+    spec: str
+    kind: str
+    location: str
+    config: str | None = None
+    splits: dict[str, str] | None = None
+    folders: dict[Path, str] = field(default_factory=dict)
+
+
+def _is_libri_folder(path: Path) -> bool:
+    return path.is_dir() and next(path.glob("*/*/*.trans.txt"), None) is not None
+
+
+def _local_splits(path: Path, folder: str) -> dict[str, str]:
+    """The split of the local dataset ``path`` that is LibriSpeech's ``folder``, named as the dataset names it."""
+    import datasets
+
+    if path.is_dir() and (path / "dataset_dict.json").exists():
+        names = list(datasets.load_from_disk(str(path)))
+    else:
+        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+        names = sorted({_parquet_split(f) for f in files} | {f.parent.name for f in files})
+        if not files:
+            raise CorpusError(
+                f"{path}: neither LibriSpeech folders, a save_to_disk dataset nor parquet files"
+            )
+    config, short, long = LIBRISPEECH_SPLITS[folder]
+    wanted = [folder, long] + ([short] if config == HUB_CONFIG else [])
+    found = next((n for n in wanted if n in names), None)
+    if found is None:
+        raise CorpusError(
+            f"{path}: no split {' / '.join(wanted)} in this dataset (it has {', '.join(names)})"
+        )
+    return {found: our_split(long)}
+
+
+def librispeech_source(spec: str, root: str | Path | None = None) -> LibriSource:
+    """Resolve a ``librispeech:SPLIT`` or ``librispeech:PATH`` spec (module docstring) without reading audio.
+
+    ``root``: ``data.librispeech_root``, where ``librispeech:SPLIT`` looks before the hub.
+    """
+    rest = spec[len(SPEC_PREFIX) :] if spec.startswith(SPEC_PREFIX) else spec
+    folder = split_folder(rest)
+    if folder is not None:
+        if root is None or str(root) == "":
+            config, short, _ = LIBRISPEECH_SPLITS[folder]
+            return LibriSource(spec, "hub", HUB_NAME, config, {short: our_split(short)})
+        base = Path(root).expanduser()
+        if _is_libri_folder(base / folder):
+            return LibriSource(spec, "folders", str(base), folders={base / folder: our_split(folder)})
+        if base.name == folder and _is_libri_folder(base):
+            return LibriSource(spec, "folders", str(base), folders={base: our_split(folder)})
+        if not base.exists():
+            raise CorpusError(f"data.librispeech_root: {base} does not exist")
+        if _is_libri_folder(base) or any(_is_libri_folder(sub) for sub in base.iterdir()):
+            raise CorpusError(f"data.librispeech_root: {base} has no {folder}/ folder")
+        return LibriSource(spec, "local", str(base), splits=_local_splits(base, folder))
+    path = Path(rest).expanduser()
+    if not path.exists():
+        names = ", ".join(LIBRISPEECH_SPLITS)
+        raise CorpusError(f"{spec}: neither a LibriSpeech split ({names}) nor an existing folder or file")
+    if _is_libri_folder(path):
+        return LibriSource(spec, "folders", str(path), folders={path: _folder_split(path)})
+    subfolders = {sub: _folder_split(sub) for sub in sorted(path.iterdir()) if _is_libri_folder(sub)}
+    if subfolders:
+        return LibriSource(spec, "folders", str(path), folders=subfolders)
+    return LibriSource(spec, "local", str(path))
+
+
+def _folder_split(path: Path) -> str:
+    try:
+        return our_split(path.name)
+    except CorpusError:
+        raise CorpusError(
+            f"{path}: cannot tell the split from the folder name; name it train-*, dev-* or test-* "
+            "as LibriSpeech does"
+        ) from None
+
+
+def import_folders(source: LibriSource, out_path: Path) -> Path:
+    """The manifest of a LibriSpeech-layout source, audio read where it is; durations from the file headers."""
+    from tqdm.auto import tqdm
+
+    from magnet_asr.data.common import audio_duration
+    from magnet_asr.data.folder import trans_entries
+    from magnet_asr.data.manifest import write_manifest
+
+    utterances = []
+    for folder, split in source.folders.items():
+        for trans in tqdm(sorted(folder.glob("*/*/*.trans.txt")), desc=folder.name, unit="chapter"):
+            for utt, audio, text in trans_entries(trans):
+                duration = audio_duration(audio) or 0.0  # 0: unreadable, skipped and counted when read
+                utterances.append(Utterance(utt, str(audio), text, round(duration, 3), split))
+    if not utterances:
+        raise CorpusError(f"{source.spec}: no utterances found")
+    return write_manifest(utterances, out_path)
 
 
 def _open_local(path: Path, streaming: bool) -> dict[str, Iterable[dict[str, Any]]]:

@@ -19,22 +19,24 @@ from magnet_asr.data.manifest import Utterance, read_manifest
 from magnet_asr.training.builders import ModelSetup
 
 if TYPE_CHECKING:
-    pass
+    from magnet_asr.data.streaming import StreamingSpeechDataset
 
 
 @dataclass
 class DataSplits:
-    train: list[Utterance]
+    train: list[Utterance] | StreamingSpeechDataset  # the stream for data.streaming=true
     validation: list[Utterance]
     test: dict[str, list[Utterance]]
 
 
-def _utterances(specs: list[str], split: str, limit: int | None) -> list[Utterance]:
+def _utterances(
+    specs: list[str], split: str, limit: int | None, librispeech_root: str | None
+) -> list[Utterance]:
     from magnet_asr.data.corpora import resolve_data
 
     out: list[Utterance] = []
     for spec in specs:
-        out.extend(read_manifest(resolve_data(spec), split=split))
+        out.extend(read_manifest(resolve_data(spec, librispeech_root), split=split))
     if limit is not None and len(out) > limit:
         # an even spread over the corpora rather than the first corpus only
         step = len(out) / limit
@@ -42,15 +44,41 @@ def _utterances(specs: list[str], split: str, limit: int | None) -> list[Utteran
     return out
 
 
+def _train_stream(cfg: Any) -> StreamingSpeechDataset:
+    from magnet_asr.data.streaming import StreamingSpeechDataset, open_streams
+
+    data, t = cfg.data, cfg.training
+    if t.max_steps <= 0:
+        raise ValueError(
+            "data.streaming=true trains for training.max_steps steps; set training.max_steps > 0"
+        )
+    if data.max_train_utterances is not None:
+        raise ValueError(
+            "data.max_train_utterances does not apply to a stream; set it to null (or data.streaming=false)"
+        )
+    return StreamingSpeechDataset(
+        open_streams(list(data.train), "train", data.librispeech_root),
+        batch_size=t.per_device_batch_size,
+        max_batch_seconds=t.max_batch_seconds,
+        max_seconds=data.max_seconds,
+        buffer_size=data.stream_buffer_size,
+        seed=t.seed,
+    )
+
+
 def _setup_data(cfg: Any) -> DataSplits:
     data = cfg.data
-    train = _utterances(list(data.train), "train", data.max_train_utterances)
-    if not train:
-        raise ValueError(f"data.train: no training utterances in {list(data.train)}")
+    root = data.librispeech_root
+    if data.streaming:
+        train: list[Utterance] | StreamingSpeechDataset = _train_stream(cfg)
+    else:
+        train = _utterances(list(data.train), "train", data.max_train_utterances, root)
+        if not train:
+            raise ValueError(f"data.train: no training utterances in {list(data.train)}")
     return DataSplits(
         train=train,
-        validation=_utterances(list(data.validation), "validation", data.max_eval_utterances),
-        test={spec: _utterances([spec], "test", data.max_eval_utterances) for spec in data.test},
+        validation=_utterances(list(data.validation), "validation", data.max_eval_utterances, root),
+        test={spec: _utterances([spec], "test", data.max_eval_utterances, root) for spec in data.test},
     )
 
 
@@ -105,6 +133,7 @@ def _training_arguments(cfg: Any, output_dir: Path):
 
 def _setup_trainer(cfg: Any, setup: ModelSetup, data: DataSplits, output_dir: Path):
     from magnet_asr.data.collator import SpeechDataset
+    from magnet_asr.data.streaming import StreamingSpeechDataset
     from magnet_asr.training.callbacks import ScheduleCallback
     from magnet_asr.training.grpo import trainer_class
 
@@ -114,7 +143,9 @@ def _setup_trainer(cfg: Any, setup: ModelSetup, data: DataSplits, output_dir: Pa
     return cls(
         model=setup.model,
         args=_training_arguments(cfg, output_dir),
-        train_dataset=SpeechDataset(data.train, max_seconds=cfg.data.max_seconds),
+        train_dataset=data.train
+        if isinstance(data.train, StreamingSpeechDataset)
+        else SpeechDataset(data.train, max_seconds=cfg.data.max_seconds),
         # evaluate() decodes eval_utterances; the dataset only tells the Trainer there is evaluation
         eval_dataset=SpeechDataset(data.validation, max_seconds=cfg.data.max_seconds),
         data_collator=setup.collator,
@@ -125,6 +156,15 @@ def _setup_trainer(cfg: Any, setup: ModelSetup, data: DataSplits, output_dir: Pa
         callbacks=[ScheduleCallback.from_config(cfg)],
         **extra,
     )
+
+
+def _file_stem(spec: str) -> str:
+    """A file-name stem per test spec: a manifest's stem, ``librispeech-test.clean`` for ``librispeech:test.clean``."""
+    from magnet_asr.data.librispeech import SPEC_PREFIX
+
+    if spec.startswith(SPEC_PREFIX):
+        return "librispeech-" + Path(spec[len(SPEC_PREFIX) :]).name
+    return Path(spec).stem
 
 
 def _resume_path(cfg: Any, output_dir: Path) -> str | bool | None:
@@ -171,6 +211,11 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.training.seed)
     data = _setup_data(cfg)
     setup = _setup_model(cfg)
+    if cfg.data.streaming and (setup.before_training or cfg.distillation.prefill):
+        # both read the training set as a map-style dataset outside the Trainer
+        raise ValueError(
+            "data.streaming=true: projector.ctc_warmup_steps and distillation.prefill need data.streaming=false"
+        )
     trainer = _setup_trainer(cfg, setup, data, output_dir)
     world = trainer.accelerator.num_processes
     effective = cfg.training.per_device_batch_size * cfg.training.gradient_accumulation_steps * world
@@ -202,9 +247,11 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     for spec, utterances in data.test.items():
         summary = evaluate(recognizer, utterances, batch_size=batch_size, data_name=spec, split="test")
         results["test"][spec] = {k: v for k, v in summary.items() if k != "utterances"}
-        write_json(summary, output_dir / f"test_{Path(spec).stem}.json")
+        write_json(summary, output_dir / f"test_{_file_stem(spec)}.json")
     results["train_skipped_samples"] = trainer.skipped_samples
     results["train_skipped_batches"] = trainer.skipped_batches
+    if trainer.stream_loader is not None:  # rank 0's stream: the rows it dropped, by reason
+        results["train_stream_skipped"] = trainer.stream_loader.skipped_by_reason()
     # the last training log window: every loss part (ASR, boundary, distillation...) as logged
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     if logged:
@@ -220,6 +267,39 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     }
     print(json.dumps(brief))
     return results
+
+
+def dry_run(cfg: Any) -> dict[str, Any]:
+    """Compose, build the model and every dataset, print their sizes; train nothing (``train --dry-run``).
+
+    Returns what it printed: ``data`` (per split: utterances and hours, or the streamed sources) and
+    ``parameters`` (total, trainable)."""
+    data = _setup_data(cfg)
+    setup = _setup_model(cfg)
+    report: dict[str, Any] = {"data": {}, "parameters": {}}
+
+    def sizes(utterances: list[Utterance]) -> str:
+        return f"{len(utterances)} utterances, {sum(u.duration for u in utterances) / 3600:.3f} h"
+
+    if isinstance(data.train, list):
+        report["data"]["train"] = sizes(data.train)
+    else:
+        report["data"]["train"] = "; ".join(data.train.describe())
+    report["data"]["validation"] = sizes(data.validation)
+    for spec, utterances in data.test.items():
+        report["data"][f"test {spec}"] = sizes(utterances)
+    params = list(setup.model.parameters())
+    report["parameters"] = {
+        "total": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+    }
+    print(f"run {cfg.run_name}: model {cfg.model} ({type(setup.model).__name__})")
+    for name, line in report["data"].items():
+        print(f"  data {name}: {line}")
+    total, trainable = report["parameters"]["total"], report["parameters"]["trainable"]
+    print(f"  parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.2f}%)")
+    print("dry run: nothing trained")
+    return report
 
 
 def weights_checksum(model: torch.nn.Module) -> str:

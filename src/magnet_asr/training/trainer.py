@@ -5,6 +5,8 @@
 - a batch whose loss is not finite is skipped (no gradient reaches the optimizer) and counted, and
   so are samples the collator dropped (``num_skipped``): bad data never ends or poisons a run;
 - dynamic batching by duration (``max_batch_seconds``);
+- a streamed training set (``data.streaming``): its own loader, its position saved in each checkpoint and
+  restored on resume (:mod:`magnet_asr.data.streaming`);
 - separate learning rates per parameter group (projector, predictors, the rest);
 - ``evaluate`` decodes the validation utterances and reports WER (gathered across ranks), so
   ``metric_for_best_model="wer"`` selects checkpoints by what we care about.
@@ -26,6 +28,7 @@ from transformers import Trainer
 
 from magnet_asr.data.manifest import Utterance
 from magnet_asr.data.sampler import DurationBatchSampler
+from magnet_asr.data.streaming import StreamingSpeechDataset, StreamLoader
 from magnet_asr.training.distillation import BATCH_KEYS
 
 if TYPE_CHECKING:
@@ -57,9 +60,17 @@ class MagnetTrainer(Trainer):
         self._counts: dict[str, float] = defaultdict(float)
         self.skipped_samples = 0
         self.skipped_batches = 0
+        self.stream_loader: StreamLoader | None = None  # the training loader of a streamed dataset
 
     # --- data -------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
+        if isinstance(self.train_dataset, StreamingSpeechDataset):
+            # the stream shards itself by rank and batches itself (by duration when max_batch_seconds is set)
+            self.train_dataset.shard(self.accelerator.process_index, self.accelerator.num_processes)
+            self.stream_loader = StreamLoader(
+                self.train_dataset, self.data_collator, self.args.dataloader_num_workers
+            )
+            return self.stream_loader
         if self.max_batch_seconds is None:
             return super().get_train_dataloader()
         dataset = cast("SpeechDataset", self.train_dataset)  # a dataset with per-item ``durations``
@@ -76,6 +87,23 @@ class MagnetTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
         )
         return self.accelerator.prepare(loader)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self.train_dataset, StreamingSpeechDataset) and isinstance(resume_from_checkpoint, str):
+            # the stream continues from the positions saved in the checkpoint (data/streaming.py, "Resume")
+            self.train_dataset.shard(self.accelerator.process_index, self.accelerator.num_processes)
+            self.train_dataset.restore(Path(resume_from_checkpoint), self.args.dataloader_num_workers)
+            where = self.train_dataset.position_summary()
+            print(
+                f"rank {self.accelerator.process_index}: the training stream resumes at {where}", flush=True
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def get_resumed_dataloader(self, dataloader: DataLoader, num_batches: int) -> DataLoader:
+        # a stream was restored in train(): skipping its first batches would read and decode them again
+        if isinstance(dataloader, StreamLoader):
+            return dataloader
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     # --- optimization -----------------------------------------------------------------------------
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -168,6 +196,8 @@ class MagnetTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             hf_trainer.PREFIX_CHECKPOINT_DIR = PREFIX_CHECKPOINT_DIR
+        if self.stream_loader is not None:  # each rank's stream position, for the resume
+            self.stream_loader.save(staging)
         self.accelerator.wait_for_everyone()  # every rank has written its part
         if self.args.should_save:
             best = self.state.best_model_checkpoint

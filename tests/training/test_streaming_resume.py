@@ -1,0 +1,80 @@
+"""Streamed training under two processes: a run stopped at a checkpoint resumes and continues the stream
+where it stopped, ending with the weights of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from librispeech_fixtures import utterances, write_librispeech_folder
+
+pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _accelerate(port: int) -> list[str]:
+    executable = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if executable is None:
+        pytest.skip("accelerate launcher not installed")
+    config = str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml")
+    return [executable, "launch", "--config_file", config, "--main_process_port", str(port), "-m"]
+
+
+def _run(start_training, overrides: list[str], port: int) -> str:
+    proc = start_training(overrides, launcher=_accelerate(port))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def test_streamed_two_process_run_resumes_the_stream(tmp_path, tiny_whisper_dir, train_args, start_training):
+    root = write_librispeech_folder(tmp_path / "LibriSpeech", utterances())
+
+    def overrides(out: Path, steps: int, *extra: str) -> list[str]:
+        # a constant learning rate: 4 steps then 4 resumed steps follow the path of 8 uninterrupted ones
+        settings = {
+            "data.train": "[librispeech:train.clean.100]",
+            "data.validation": "[librispeech:dev-clean]",
+            "data.test": "[librispeech:test-clean]",
+            "data.librispeech_root": str(root),
+            "data.streaming": "true",
+            "data.stream_buffer_size": 3,
+            "training.max_batch_seconds": 6.0,
+            "training.per_device_batch_size": 2,
+            "training.lr_scheduler_type": "constant",
+            "training.max_steps": steps,
+            "training.save_steps": 2,
+        }
+        return [*train_args(tiny_whisper_dir, root, out, **settings), *extra]
+
+    reference = tmp_path / "reference"
+    _run(start_training, overrides(reference, 8), 29541)
+    stopped = tmp_path / "stopped"
+    _run(start_training, overrides(stopped, 4), 29542)
+    states = [
+        json.loads((stopped / "checkpoint-4" / f"stream_state_rank{r}.json").read_text()) for r in (0, 1)
+    ]
+    assert all(s["world"] == 2 for s in states)
+    log = _run(start_training, overrides(stopped, 8, "training.resume_from_checkpoint=auto"), 29543)
+
+    # each rank continues its own stream: from a position past the start, never from the beginning
+    resumed = dict(re.findall(r"rank (\d): the training stream resumes at (.*)", log))
+    assert set(resumed) == {"0", "1"} and not any("the start" in where for where in resumed.values()), log[
+        -3000:
+    ]
+    assert json.loads((stopped / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
+    checksums = dict(re.findall(r"rank (\d) weights checksum (\w+)", log))
+    assert checksums["0"] == checksums["1"]
+    # the same batches in the same order as the uninterrupted run: the same weights
+    expected = load_file(reference / "final" / "model.safetensors")
+    got = load_file(stopped / "final" / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
