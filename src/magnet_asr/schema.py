@@ -174,6 +174,12 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = None  # path, or `auto` for the newest complete checkpoint
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     device: str = "auto"
+    # print a hash of the trained parameters on every rank at the end (DDP ranks must agree); it reads
+    # each trained tensor once more, so it is off unless a check asks for it
+    log_weights_checksum: bool = False
+    # an evaluation (validation during training, the test sets after it) that skipped more than this
+    # share of its utterances (unreadable or empty audio) fails the run; null allows any share
+    max_eval_skip_fraction: float | None = 0.1
     # GRPO on the boundary predictors instead of supervised training (magnet_asr.training.grpo)
     grpo: bool = False
     grpo_num_samples: int = 4  # K boundary configurations per utterance

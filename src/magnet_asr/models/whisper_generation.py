@@ -213,10 +213,20 @@ def decode(
     options: DecodingOptions = GREEDY,
     multilingual: bool = False,
     attention_mask: torch.Tensor | None = None,
+    synced_gpus: bool = False,
 ) -> Decoded:
     """Decode a batch from its encoder output (``last_hidden_state (B, S, D)``, plus MagnetWhisper's
-    ``encoder_attention_mask`` and ``segment_sizes``), with the guards when ``options.guards``."""
+    ``encoder_attention_mask`` and ``segment_sizes``), with the guards when ``options.guards``.
+
+    ``synced_gpus``: every rank keeps stepping until all have finished, as a model sharded over the
+    ranks (FSDP, DeepSpeed ZeRO-3) needs; the guards retry a different number of rows on each rank, so
+    they cannot run that way.
+    """
+    if synced_gpus and options.guards:
+        raise ValueError("decoding with guards under a sharded model (synced_gpus): use greedy decoding")
     generate_kwargs: dict[str, Any] = {"language": "en", "task": "transcribe"} if multilingual else {}
+    if synced_gpus:
+        generate_kwargs["synced_gpus"] = True
     batch = int(encoder_outputs["last_hidden_state"].shape[0])
     everyone = list(range(batch))
 
