@@ -19,6 +19,7 @@ from magnet_asr.models.speech_llm import LORA_TARGET_MODULES
 from magnet_asr.text import MAX_NEW_TOKENS_PER_SECOND
 
 MODEL_FAMILIES = ("whisper", "magnet_whisper", "speech_llm")
+WHISPER_TASKS = ("transcribe", "translate")
 
 
 @dataclass
@@ -28,6 +29,14 @@ class EncoderConfig:
     position_encoding: str = "learned"  # learned (Whisper's, sliced) | rope
     extra_conv_strides: list[int] = field(default_factory=list)  # fixed-rate baseline after the conv stem
     gradient_checkpointing: bool = False
+    # the decoder prompt of a multilingual Whisper, in training labels and in decoding alike (an
+    # English-only model, *.en, has no language or task token and ignores both)
+    language: str = "en"
+    task: str = "transcribe"  # transcribe | translate
+
+    def __post_init__(self) -> None:
+        if self.task not in WHISPER_TASKS:
+            raise ValueError(f"encoder.task: '{self.task}' is not one of {', '.join(WHISPER_TASKS)}")
 
 
 @dataclass

@@ -53,7 +53,7 @@ def test_scores_are_the_log_probs_generate_decoded_with():
         return_dict_in_generate=True,
         output_logits=True,
     )
-    prompt = decoder_prompt(model.generation_config, multilingual=False)
+    prompt = decoder_prompt(model.generation_config)
     assert out.sequences[:, : len(prompt)].tolist() == [prompt, prompt]
     tokens = [[t for t in row if t not in (0, 2)] for row in out.sequences[:, len(prompt) :].tolist()]
     ended = [len(t) < 6 for t in tokens]

@@ -33,7 +33,7 @@ from magnet_asr.audio import (
     num_encoder_frames,
     num_frames,
 )
-from magnet_asr.models.whisper_generation import GREEDY, DecodingOptions, decode
+from magnet_asr.models.whisper_generation import GREEDY, DecodingOptions, decode, language_and_task
 from magnet_asr.text import MAX_NEW_TOKENS_FLOOR, MAX_NEW_TOKENS_PER_SECOND
 
 if TYPE_CHECKING:
@@ -158,19 +158,20 @@ class WhisperRecognizer:
         tokenizer,
         name: str = "whisper",
         decoding: DecodingOptions = GREEDY,
+        language: str | None = None,
+        task: str | None = None,
         synced_gpus: bool = False,
     ) -> None:
-        """``synced_gpus``: for a model sharded over the ranks (FSDP, DeepSpeed ZeRO-3), whose ``generate``
+        """``language``, ``task``: the prompt of a multilingual model (default: its generation config's, else
+        English transcription; ignored for an English-only one), the pair its training labels started with.
+        ``synced_gpus``: for a model sharded over the ranks (FSDP, DeepSpeed ZeRO-3), whose ``generate``
         must keep every rank stepping until all have finished."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.decoding = decoding
         self.n_mels = int(model.config.num_mel_bins)
-        gen = model.generation_config
-        self.multilingual = (
-            bool(getattr(gen, "is_multilingual", False)) or int(model.config.vocab_size) >= 51865
-        )
+        self.language, self.task = language_and_task(model, language, task)
         self.synced_gpus = synced_gpus
 
     @classmethod
@@ -199,8 +200,9 @@ class WhisperRecognizer:
                 self.tokenizer,
                 max_new_tokens_for(seconds),
                 self.decoding,
-                self.multilingual,
-                attention_mask,
+                language=self.language,
+                task=self.task,
+                attention_mask=attention_mask,
                 synced_gpus=self.synced_gpus,
             )
         texts = [
