@@ -19,6 +19,7 @@ from magnet_asr.models.speech_llm import LORA_TARGET_MODULES
 from magnet_asr.text import MAX_NEW_TOKENS_PER_SECOND
 
 MODEL_FAMILIES = ("whisper", "magnet_whisper", "speech_llm")
+WHISPER_TASKS = ("transcribe", "translate")
 
 
 @dataclass
@@ -28,6 +29,14 @@ class EncoderConfig:
     position_encoding: str = "learned"  # learned (Whisper's, sliced) | rope
     extra_conv_strides: list[int] = field(default_factory=list)  # fixed-rate baseline after the conv stem
     gradient_checkpointing: bool = False
+    # the decoder prompt of a multilingual Whisper, in training labels and in decoding alike (an
+    # English-only model, *.en, has no language or task token and ignores both)
+    language: str = "en"
+    task: str = "transcribe"  # transcribe | translate
+
+    def __post_init__(self) -> None:
+        if self.task not in WHISPER_TASKS:
+            raise ValueError(f"encoder.task: '{self.task}' is not one of {', '.join(WHISPER_TASKS)}")
 
 
 @dataclass
@@ -186,6 +195,12 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = None  # path, or `auto` for the newest complete checkpoint
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     device: str = "auto"
+    # print a hash of the trained parameters on every rank at the end (DDP ranks must agree); it reads
+    # each trained tensor once more, so it is off unless a check asks for it
+    log_weights_checksum: bool = False
+    # an evaluation (validation during training, the test sets after it) that skipped more than this
+    # share of its utterances (unreadable or empty audio) fails the run; null allows any share
+    max_eval_skip_fraction: float | None = 0.1
     # GRPO on the boundary predictors instead of supervised training (magnet_asr.training.grpo)
     grpo: bool = False
     grpo_num_samples: int = 4  # K boundary configurations per utterance

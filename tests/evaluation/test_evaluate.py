@@ -89,3 +89,57 @@ def test_uncompressed_model_has_no_boundary_section(clips):
     assert summary["loop_share"] == 1.0  # stopped at the token cap
     assert table_row(summary)["silence_share"] is None
     assert "boundary F1" not in summary_line(summary)
+
+
+class FailingRecognizer(FakeRecognizer):
+    """Fails on the clip of ``failing_length`` samples with ``error`` (in a batch or alone)."""
+
+    def __init__(self, outputs: dict[int, Transcription], failing_length: int, error: Exception) -> None:
+        super().__init__(outputs)
+        self.failing_length, self.error = failing_length, error
+
+    def transcribe(self, waveforms):
+        if any(len(w) == self.failing_length for w in waveforms):
+            raise self.error
+        return super().transcribe(waveforms)
+
+
+OUTPUTS = {n: Transcription("one two", 50, 50) for n in (16000, 16320, 16640)}
+
+
+def _utts(clips):
+    return [Utterance(f"u{i}", path, "one two", 1.0, "test") for i, path in enumerate(clips)]
+
+
+def test_a_code_bug_in_decoding_is_raised_not_scored(clips):
+    recognizer = FailingRecognizer(OUTPUTS, 16320, KeyError("a bug"))
+    with pytest.raises(KeyError, match="a bug"):
+        evaluate(recognizer, _utts(clips), batch_size=3)
+
+
+def test_bad_audio_is_skipped_and_counted(clips, tmp_path):
+    from magnet_asr.audio import AudioError
+
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF....WAVEjunk" * 8)
+    utts = [*_utts(clips), Utterance("corrupt", str(corrupt), "one two", 1.0, "test")]
+    # one clip the recognizer finds unusable while decoding: the batch is retried one by one
+    recognizer = FailingRecognizer(OUTPUTS, 16320, AudioError("u1: silent", kind="silent"))
+    summary = evaluate(recognizer, utts, batch_size=3, max_skip_fraction=0.5)
+    assert summary["num_utterances"] == 2 and summary["num_skipped"] == 2
+    kinds = {row["id"]: row["kind"] for row in summary["skipped"]}
+    assert kinds == {"corrupt": "unreadable", "u1": "decoding failed"}
+    assert summary["wer"] == 0.0
+
+
+def test_evaluation_that_skips_too_much_fails(clips, tmp_path):
+    from magnet_asr.evaluation.evaluate import TooManySkipped
+
+    missing = [
+        Utterance(f"gone{i}", str(tmp_path / f"gone{i}.wav"), "one two", 1.0, "test") for i in range(2)
+    ]
+    utts = [*_utts(clips), *missing]  # 2 of 5 unreadable
+    with pytest.raises(TooManySkipped, match="2 of 5 utterances skipped"):
+        evaluate(FakeRecognizer(OUTPUTS), utts, data_name="asterisk", max_skip_fraction=0.1)
+    assert evaluate(FakeRecognizer(OUTPUTS), utts, max_skip_fraction=0.4)["num_skipped"] == 2
+    assert evaluate(FakeRecognizer(OUTPUTS), utts)["num_skipped"] == 2  # None: any share (magnet-asr eval)

@@ -367,6 +367,27 @@ def test_silent_or_skipped_audio_gives_empty_output_without_the_llm(sources):
     assert calls and set(calls) == {1}  # only the one audible sample reached the LLM
 
 
+def test_synced_generation_runs_every_row_and_still_empties_the_skipped(sources, monkeypatch):
+    """Under FSDP / ZeRO-3 every rank must run ``generate`` whatever its rows hold: silent and skipped
+    rows go through the LLM with the rest, and their outputs are emptied after."""
+    model = build(sources)
+    feats, mask, _ = ragged()
+    feats[1] = -1.5
+    skip = torch.tensor([False, False, True])
+    plain = model.generate(feats, mask, skip=skip)
+    generate, synced, rows = model.llm.generate, [], []
+
+    def recording(**kwargs):
+        synced.append(kwargs.pop("synced_gpus"))  # one process: nothing to synchronize with
+        rows.append(kwargs["inputs_embeds"].shape[0])
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model.llm, "generate", recording)
+    tokens = model.generate(feats, mask, skip=skip, synced_gpus=True)
+    assert synced == [True] and rows == [3]
+    assert (tokens[1:] == model.prompt.pad_id).all() and (plain[1:] == model.prompt.pad_id).all()
+
+
 def test_length_cap_and_loop_guard(sources):
     model = build(sources)
     feats, mask, _ = ragged()

@@ -53,7 +53,7 @@ def test_scores_are_the_log_probs_generate_decoded_with():
         return_dict_in_generate=True,
         output_logits=True,
     )
-    prompt = decoder_prompt(model.generation_config, multilingual=False)
+    prompt = decoder_prompt(model.generation_config)
     assert out.sequences[:, : len(prompt)].tolist() == [prompt, prompt]
     tokens = [[t for t in row if t not in (0, 2)] for row in out.sequences[:, len(prompt) :].tolist()]
     ended = [len(t) < 6 for t in tokens]
@@ -64,6 +64,27 @@ def test_scores_are_the_log_probs_generate_decoded_with():
         expected = log_probs[i, : len(targets)].gather(-1, targets[:, None]).sum().item() / (len(t) + 1)
         assert averages[i] == pytest.approx(expected, abs=1e-5)
     assert all(0 < p < 1 for p in no_speech)
+
+
+def test_sharded_decoding_passes_synced_gpus_and_refuses_the_guards(monkeypatch):
+    """Under FSDP / ZeRO-3 every rank must step ``generate`` until all are done (``synced_gpus``); the
+    guards retry a different number of rows per rank, so they are refused there."""
+    from magnet_asr.models.whisper_generation import GREEDY
+
+    model = _model()
+    encoded = _encoded(model, 2)
+    calls = []
+
+    def recording(**kwargs):
+        calls.append(kwargs.get("synced_gpus"))
+        return torch.full((2, 3), 5)
+
+    monkeypatch.setattr(model, "generate", recording)
+    decode(model, encoded, _Tokenizer(), 4, GREEDY, synced_gpus=True)
+    decode(model, encoded, _Tokenizer(), 4, GREEDY)
+    assert calls == [True, None]
+    with pytest.raises(ValueError, match="synced_gpus"):
+        decode(model, encoded, _Tokenizer(), 4, DecodingOptions(), synced_gpus=True)
 
 
 def test_fallback_retries_looping_rows_at_every_temperature_and_is_reproducible(monkeypatch):

@@ -29,15 +29,15 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_whisper_dir(tmp_path_factory) -> Path:
-    """A 2+2-layer, 32-wide Whisper with the bundled tiny.en tokenizer and generation settings."""
+def tiny_whisper(source_name: str, out: Path) -> Path:
+    """A 2+2-layer, 32-wide random Whisper in ``out`` with the tokenizer and generation settings of the
+    bundled ``source_name`` (English-only ``whisper-tiny.en`` or multilingual ``whisper-base``)."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
     from magnet_asr.weights import resolve_model
 
-    source = resolve_model("whisper-tiny.en")
+    source = resolve_model(source_name)
     base = WhisperConfig.from_pretrained(source).to_dict()
     dims = dict(
         d_model=32,
@@ -51,12 +51,23 @@ def tiny_whisper_dir(tmp_path_factory) -> Path:
     )
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(WhisperConfig(**{**base, **dims}))
-    out = tmp_path_factory.mktemp("tiny_whisper")
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
     generation = GenerationConfig.from_pretrained(source)
     generation.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_dir(tmp_path_factory) -> Path:
+    """A tiny random English-only Whisper with the bundled tiny.en tokenizer and generation settings."""
+    return tiny_whisper("whisper-tiny.en", tmp_path_factory.mktemp("tiny_whisper"))
+
+
+@pytest.fixture(scope="session")
+def tiny_multilingual_whisper_dir(tmp_path_factory) -> Path:
+    """A tiny random multilingual Whisper with the bundled whisper-base tokenizer and generation settings."""
+    return tiny_whisper("whisper-base", tmp_path_factory.mktemp("tiny_multilingual_whisper"))
 
 
 @pytest.fixture(scope="session")

@@ -147,6 +147,7 @@ def test_two_process_cpu_ddp(
             "training.save_steps": 4,
             "training.eval_steps": 4,  # evaluation shards the utterances over ranks and gathers them
             "training.report_to": "[tensorboard]",
+            "training.log_weights_checksum": "true",
             **extra,
         },
     )

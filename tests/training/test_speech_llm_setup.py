@@ -205,7 +205,7 @@ def test_ctc_warmup_trains_the_projector_without_touching_the_llm(sources, tmp_p
     llm_before = {n: p.detach().clone() for n, p in model.llm.named_parameters()}
     projector_before = model.projector.linear_in.weight.detach().clone()
     utterances = _utterances(tmp_path, 4)
-    stats = setup.before_training(SimpleNamespace(train_dataset=SpeechDataset(utterances)))
+    stats = setup.before_training(SimpleNamespace(train_dataset=SpeechDataset(utterances), accelerator=None))
     assert stats["ctc_warmup_steps"] == 40 and stats["skipped_batches"] == 0
     assert stats["ctc_loss_last"] < 0.8 * stats["ctc_loss_first"]
     assert not torch.equal(projector_before, model.projector.linear_in.weight)
@@ -215,6 +215,91 @@ def test_ctc_warmup_trains_the_projector_without_touching_the_llm(sources, tmp_p
     batch.pop("num_skipped")
     out = model(**batch)
     torch.testing.assert_close(out.loss, out.asr_loss + 0.5 * out.ctc_loss)
+
+
+WARMUP_RANK = """
+import json, sys
+import torch
+from accelerate import Accelerator
+from magnet_asr.data.collator import SpeechDataset
+from magnet_asr.data.manifest import read_manifest
+from magnet_asr.schema import load_run_config
+from magnet_asr.training.recipe import weights_checksum
+from magnet_asr.training.speech_llm import ctc_warmup, setup_speech_llm
+
+manifest, out, *overrides = sys.argv[1:]
+accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+torch.manual_seed(0)  # as the recipe seeds before building: the same projector on every rank
+setup = setup_speech_llm(load_run_config(overrides))
+model, seen, autocast = setup.model, [], []
+model.projector.register_forward_hook(lambda *_: autocast.append(torch.is_autocast_enabled("cpu")))
+before = weights_checksum(model.projector)
+
+def collate(items):
+    seen.extend(item["id"] for item in items)
+    return setup.collator(items)
+
+stats = ctc_warmup(model, SpeechDataset(read_manifest(manifest)), collate, steps=3, batch_size=2,
+                   learning_rate=0.01, accelerator=accelerator)
+result = {"seen": sorted(set(seen)), "autocast": autocast, "before": before,
+          "after": weights_checksum(model.projector), "skipped": stats["skipped_batches"],
+          "magnet_asr": __import__("magnet_asr").__file__}
+with open(f"{out}/rank{accelerator.process_index}.json", "w") as f:
+    json.dump(result, f)
+"""
+
+
+@pytest.mark.slow
+def test_ctc_warmup_shards_the_data_and_keeps_the_ranks_alike(sources, tmp_path):
+    """Two CPU processes (torchrun, gloo): each rank warms up on its own share of the utterances, under
+    the configured bf16 autocast, and both end with the same projector."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import magnet_asr
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    utterances = _utterances(tmp_path, 6)
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps({"id": u.id, "audio": u.audio, "text": u.text, "duration": u.duration}) + "\n"
+            for u in utterances
+        )
+    )
+    (tmp_path / "rank.py").write_text(WARMUP_RANK)
+    whisper, llm = sources
+    overrides = [
+        "+experiments=speech_llm_demo",
+        f"encoder.name={whisper}",
+        f"llm.name={llm}",
+        "llm.prompt=transcribe the audio .",
+        "llm.lora_rank=4",
+        "projector.hidden_size=48",
+        "projector.ctc_loss_weight=0.5",
+    ]
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29543", str(tmp_path / "rank.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [*command, str(manifest), str(tmp_path), *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["magnet_asr"] == magnet_asr.__file__  # the ranks ran this checkout
+    assert ranks[0]["seen"] == ["u0", "u2", "u4"] and ranks[1]["seen"] == ["u1", "u3", "u5"]
+    assert all(r["autocast"] and all(r["autocast"]) for r in ranks)  # bf16, as training.precision says
+    assert ranks[0]["before"] == ranks[1]["before"] != ranks[0]["after"]
+    assert ranks[0]["after"] == ranks[1]["after"]  # gradients averaged over the ranks before each step
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == 0
 
 
 def test_ctc_warmup_without_a_ctc_head_is_a_config_error(sources):

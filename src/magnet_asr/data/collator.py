@@ -116,9 +116,11 @@ def collate_target_counts(
 class WhisperCollator:
     """Batches for (Magnet)Whisper: features at their true length + mask, labels, target counts.
 
-    Labels follow Whisper fine-tuning: the tokenizer's prefix (start, language, task, no-timestamps),
-    the text with a leading space, end-of-text; the start token is dropped from labels because the
-    model shifts it back in as the first decoder input.
+    Labels follow Whisper fine-tuning: the decoder prompt (start, language, task, no-timestamps), the
+    text with a leading space, end-of-text; the start token is dropped from labels because the model
+    shifts it back in as the first decoder input. ``prompt``: the prompt decoding starts from
+    (:func:`magnet_asr.models.whisper_generation.decoder_prompt`), so a multilingual model is trained
+    on the language and task it is decoded with; None: the tokenizer's own prefix.
     """
 
     tokenizer: Any
@@ -132,6 +134,7 @@ class WhisperCollator:
     keep_ids: bool = False
     # also return ``phone_boundaries`` (collate_phone_boundaries) for the predictor's ``phones`` loss
     phone_boundaries: bool = False
+    prompt: Sequence[int] | None = None
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         good = [it for it in items if "error" not in it]
@@ -156,7 +159,10 @@ class WhisperCollator:
         return batch
 
     def label_ids(self, text: str) -> list[int]:
-        """Label tokens of ``text``: the tokenizer's prefix without the start token, text, end of text."""
+        """Label tokens of ``text``: the prompt without the start token, text, end of text."""
+        if self.prompt is not None:
+            text_ids = self.tokenizer(" " + text, add_special_tokens=False).input_ids
+            return [*self.prompt[1:], *text_ids, int(self.tokenizer.eos_token_id)]
         ids = self.tokenizer(" " + text).input_ids
         start = self.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
         return ids[1:] if ids and ids[0] == start else ids

@@ -33,7 +33,7 @@ from magnet_asr.audio import (
     num_encoder_frames,
     num_frames,
 )
-from magnet_asr.models.whisper_generation import GREEDY, DecodingOptions, decode
+from magnet_asr.models.whisper_generation import GREEDY, DecodingOptions, decode, language_and_task
 from magnet_asr.text import MAX_NEW_TOKENS_FLOOR, MAX_NEW_TOKENS_PER_SECOND
 
 if TYPE_CHECKING:
@@ -158,16 +158,21 @@ class WhisperRecognizer:
         tokenizer,
         name: str = "whisper",
         decoding: DecodingOptions = GREEDY,
+        language: str | None = None,
+        task: str | None = None,
+        synced_gpus: bool = False,
     ) -> None:
+        """``language``, ``task``: the prompt of a multilingual model (default: its generation config's, else
+        English transcription; ignored for an English-only one), the pair its training labels started with.
+        ``synced_gpus``: for a model sharded over the ranks (FSDP, DeepSpeed ZeRO-3), whose ``generate``
+        must keep every rank stepping until all have finished."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.decoding = decoding
         self.n_mels = int(model.config.num_mel_bins)
-        gen = model.generation_config
-        self.multilingual = (
-            bool(getattr(gen, "is_multilingual", False)) or int(model.config.vocab_size) >= 51865
-        )
+        self.language, self.task = language_and_task(model, language, task)
+        self.synced_gpus = synced_gpus
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu") -> WhisperRecognizer:
@@ -195,8 +200,10 @@ class WhisperRecognizer:
                 self.tokenizer,
                 max_new_tokens_for(seconds),
                 self.decoding,
-                self.multilingual,
-                attention_mask,
+                language=self.language,
+                task=self.task,
+                attention_mask=attention_mask,
+                synced_gpus=self.synced_gpus,
             )
         texts = [
             "" if silent else text.strip()
@@ -338,11 +345,16 @@ class SpeechLLMRecognizer:
     encoder frames (50/s) per audio token.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, name: str = "speech_llm", **decode: Any) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, name: str = "speech_llm", synced_gpus: bool = False, **decode: Any
+    ) -> None:
+        """``synced_gpus``: for a model sharded over the ranks (FSDP, DeepSpeed ZeRO-3); ``decode``: settings
+        for :meth:`~magnet_asr.models.speech_llm.SpeechLLM.generate`."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.decode = decode
+        self.synced_gpus = synced_gpus
         encoder_config = model.encoder.config
         self.n_mels = int(encoder_config.num_mel_bins)
         learned = getattr(encoder_config, "position_encoding", "learned") == "learned"
@@ -375,7 +387,7 @@ class SpeechLLMRecognizer:
         features, mask = batch_features([waveforms[i] for i in usable], self.n_mels)
         audio = self.model.embed_audio(features.to(device), mask.to(device))
         skip = torch.tensor([is_silent(np.asarray(waveforms[i])) for i in usable])
-        tokens = self.model.generate(audio=audio, skip=skip, **self.decode)
+        tokens = self.model.generate(audio=audio, skip=skip, synced_gpus=self.synced_gpus, **self.decode)
         texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
         for text, index, count in zip(texts, usable, audio.counts.tolist()):
             out[index] = Transcription(text.strip(), num_encoder_frames(len(waveforms[index])), int(count))

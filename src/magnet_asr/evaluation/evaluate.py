@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from magnet_asr.audio import SAMPLE_RATE, AudioError, load_audio
@@ -140,25 +141,46 @@ def _load(utterances: Sequence[Utterance], result: EvalResult) -> list[_Loaded]:
 def _decode_batch(
     recognizer: Recognizer, batch: list[_Loaded], result: EvalResult
 ) -> list[Transcription | None]:
-    """Decode a batch; if it fails, retry one by one so a single bad sample is skipped, not fatal."""
+    """Decode a batch; if it fails on bad input, retry one by one so a single bad sample is skipped.
+
+    Bad input is what :class:`~magnet_asr.audio.AudioError` names (unreadable, empty, silent,
+    non-finite, too short or too long audio), and nothing else: any other exception is a bug in the
+    model or the code, and scoring it as a skipped sample would turn it into a quiet NaN WER, so it
+    propagates. Running out of memory on a batch also retries one by one (a batch too large is not a
+    sample's fault; a single sample that still does not fit propagates).
+    """
     try:
         return list(transcribe_long(recognizer, [item.audio for item in batch]))
-    except Exception:
-        pass  # find the culprit below
+    except (AudioError, torch.OutOfMemoryError):
+        pass  # find the culprit below, one sample at a time
     outputs: list[Transcription | None] = []
     for item in batch:
         try:
             outputs.append(transcribe_long(recognizer, [item.audio])[0])
-        except Exception as e:  # a model error on one sample must not end the run
+        except AudioError as e:
             result.skipped.append(
-                {
-                    "id": item.utterance.id,
-                    "reason": f"decoding failed: {type(e).__name__}: {e}",
-                    "kind": "decoding failed",
-                }
+                {"id": item.utterance.id, "reason": f"decoding failed: {e}", "kind": "decoding failed"}
             )
             outputs.append(None)
     return outputs
+
+
+class TooManySkipped(RuntimeError):
+    """An evaluation left out more of its utterances than a run allows (``max_skip_fraction``)."""
+
+
+def check_skipped(num_skipped: int, num_total: int, max_fraction: float | None, what: str) -> None:
+    """Raise :class:`TooManySkipped` when more than ``max_fraction`` of ``num_total`` utterances were
+    skipped: a WER over what is left would look like a result while most of the data went unread.
+    ``None`` allows any share (``magnet-asr eval`` reports the skips and leaves the judgement to its user).
+    """
+    if max_fraction is None or num_total == 0 or num_skipped <= max_fraction * num_total:
+        return
+    raise TooManySkipped(
+        f"{what}: {num_skipped} of {num_total} utterances skipped ({num_skipped / num_total:.0%}), more "
+        f"than the {max_fraction:.0%} allowed (training.max_eval_skip_fraction); the summary's "
+        "'skipped' list gives each reason"
+    )
 
 
 def evaluate(
@@ -168,12 +190,14 @@ def evaluate(
     data_name: str = "",
     split: str | None = None,
     left_out: Mapping[str, int] | None = None,
+    max_skip_fraction: float | None = None,
 ) -> dict[str, Any]:
     """Decode ``utterances`` in batches of similar length and score them.
 
     ``left_out``: rows of the data the caller did not pass, by reason, so the summary accounts for every
     row. ``wall_seconds`` covers feature extraction and decoding (not file loading), so ``rtfx`` is
-    audio seconds per second of recognizer work.
+    audio seconds per second of recognizer work. ``max_skip_fraction``: the largest share of
+    ``utterances`` that may be skipped (:func:`check_skipped`); None allows any.
     """
     result = EvalResult(
         model=recognizer.name,
@@ -196,6 +220,7 @@ def evaluate(
         progress.update(len(batch))
     progress.close()
     result.rows.sort(key=lambda r: r["id"])
+    check_skipped(len(result.skipped), len(utterances), max_skip_fraction, data_name or "evaluation")
     return result.summary()
 
 

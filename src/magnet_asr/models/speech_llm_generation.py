@@ -162,21 +162,28 @@ def settings_from_generation(generation_config: Any) -> dict[str, Any]:
 
 
 def generate_tokens(
-    model: Any, audio: Any, skip: torch.Tensor | None = None, **overrides: Any
+    model: Any,
+    audio: Any,
+    skip: torch.Tensor | None = None,
+    synced_gpus: bool = False,
+    **overrides: Any,
 ) -> torch.Tensor:
     """Greedy (``num_beams=1``) or beam-search transcripts of ``audio`` (:class:`AudioEmbeddings`).
 
     Returns ``(B, N)`` token ids without the end-of-turn token, filled with the pad id. Silent samples
-    and those flagged in ``skip (B,)`` get an empty row without running the LLM.
+    and those flagged in ``skip (B,)`` get an empty row, without running the LLM unless ``synced_gpus``:
+    a model sharded over the ranks (FSDP, DeepSpeed ZeRO-3) needs every rank in every ``generate``
+    step, so then the whole batch runs and the flagged rows are emptied afterwards.
     """
     settings = DecodeSettings.from_config(model.config, **overrides)
     active = ~audio.silent.cpu()
     if skip is not None:
         active &= ~skip.bool().cpu()
     rows = active.nonzero().flatten().tolist()
+    run = list(range(audio.embeds.shape[0])) if synced_gpus else rows
     results: list[list[int]] = [[] for _ in range(audio.embeds.shape[0])]
-    if rows:
-        subset = audio.select(rows)
+    if run:
+        subset = audio.select(run)
         limits = settings.limits(subset.seconds.tolist())
         inputs = model.build_inputs(subset, padding_side="left")
         criteria = [SampleLengthLimit(limits)] + ([LoopGuard()] if settings.loop_guard else [])
@@ -185,8 +192,11 @@ def generate_tokens(
             attention_mask=inputs.attention_mask,
             generation_config=settings.generation_config(model.prompt, max(limits)),
             stopping_criteria=StoppingCriteriaList(criteria),
+            synced_gpus=synced_gpus,
         )
         stops = {*model.prompt.stop_ids, model.prompt.pad_id}
-        for row, index, limit in zip(tokens.tolist(), rows, limits):
-            results[index] = _clean(row, stops, limit, settings.loop_guard)
+        kept = set(rows)
+        for row, index, limit in zip(tokens.tolist(), run, limits):
+            if index in kept:
+                results[index] = _clean(row, stops, limit, settings.loop_guard)
     return pad_sequences(results, model.prompt.pad_id)

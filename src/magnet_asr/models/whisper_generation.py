@@ -94,15 +94,46 @@ def select_rows(encoder_outputs: ModelOutput, rows: Sequence[int]) -> ModelOutpu
     return type(encoder_outputs)(**kept)
 
 
-def decoder_prompt(generation_config: Any, multilingual: bool) -> list[int]:
+def is_multilingual(model: Any) -> bool:
+    """Whether a Whisper-family model has language and task tokens (Whisper's rule: the vocabulary size)."""
+    from magnet_asr.weights.whisper import MULTILINGUAL_VOCAB
+
+    gen = model.generation_config
+    return bool(getattr(gen, "is_multilingual", False)) or int(model.config.vocab_size) >= MULTILINGUAL_VOCAB
+
+
+def language_and_task(
+    model: Any, language: str | None = None, task: str | None = None
+) -> tuple[str | None, str | None]:
+    """The ``(language, task)`` a model is trained and decoded with: ``(None, None)`` for an English-only
+    model (its prompt has neither token); for a multilingual one the arguments, else what its generation
+    config names, else English transcription. Training labels and decoding read the same pair, so the
+    decoder sees one prompt in both (:func:`decoder_prompt`)."""
+    if not is_multilingual(model):
+        return None, None
+    gen = model.generation_config
+    return (
+        language or getattr(gen, "language", None) or "en",
+        task or getattr(gen, "task", None) or "transcribe",
+    )
+
+
+def decoder_prompt(generation_config: Any, language: str | None = None, task: str | None = None) -> list[int]:
     """The tokens Whisper's ``generate`` starts the decoder with when it predicts no timestamps:
-    start-of-transcript, then (multilingual) English and transcribe, then no-timestamps."""
+    start-of-transcript, then the language and the task when given (multilingual models,
+    :func:`language_and_task`), then no-timestamps. Training labels start with the same tokens."""
     prompt = [int(generation_config.decoder_start_token_id)]
-    if multilingual:
-        prompt += [
-            int(generation_config.lang_to_id["<|en|>"]),
-            int(generation_config.task_to_id["transcribe"]),
-        ]
+    if language is not None:
+        code = language if language.startswith("<|") else f"<|{language}|>"
+        languages = getattr(generation_config, "lang_to_id", None) or {}
+        if code not in languages:
+            raise ValueError(f"language '{language}' is not one of this Whisper's languages")
+        prompt.append(int(languages[code]))
+    if task is not None:
+        tasks = getattr(generation_config, "task_to_id", None) or {}
+        if task not in tasks:
+            raise ValueError(f"task '{task}' is not one of this Whisper's tasks ({', '.join(sorted(tasks))})")
+        prompt.append(int(tasks[task]))
     return [*prompt, int(generation_config.no_timestamps_token_id)]
 
 
@@ -211,12 +242,24 @@ def decode(
     tokenizer: Any,
     max_new_tokens: int,
     options: DecodingOptions = GREEDY,
-    multilingual: bool = False,
+    language: str | None = None,
+    task: str | None = None,
     attention_mask: torch.Tensor | None = None,
+    synced_gpus: bool = False,
 ) -> Decoded:
     """Decode a batch from its encoder output (``last_hidden_state (B, S, D)``, plus MagnetWhisper's
-    ``encoder_attention_mask`` and ``segment_sizes``), with the guards when ``options.guards``."""
-    generate_kwargs: dict[str, Any] = {"language": "en", "task": "transcribe"} if multilingual else {}
+    ``encoder_attention_mask`` and ``segment_sizes``), with the guards when ``options.guards``.
+
+    ``language``, ``task``: the prompt's (:func:`language_and_task`; None for English-only models).
+    ``synced_gpus``: every rank keeps stepping until all have finished, as a model sharded over the
+    ranks (FSDP, DeepSpeed ZeRO-3) needs; the guards retry a different number of rows on each rank, so
+    they cannot run that way.
+    """
+    if synced_gpus and options.guards:
+        raise ValueError("decoding with guards under a sharded model (synced_gpus): use greedy decoding")
+    generate_kwargs: dict[str, Any] = {"language": language, "task": task} if language is not None else {}
+    if synced_gpus:
+        generate_kwargs["synced_gpus"] = True
     batch = int(encoder_outputs["last_hidden_state"].shape[0])
     everyone = list(range(batch))
 
@@ -232,7 +275,7 @@ def decode(
         tokens = attempt(everyone, options.temperatures[0])
         return Decoded(tokens, [len(t) >= max_new_tokens for t in tokens])
 
-    prompt = decoder_prompt(model.generation_config, multilingual)
+    prompt = decoder_prompt(model.generation_config, language, task)
     tried: list[list[_Attempt]] = [[] for _ in everyone]
     rows = everyone
     device = encoder_outputs["last_hidden_state"].device

@@ -83,10 +83,16 @@ def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
 
     from magnet_asr.data.collator import WhisperCollator
     from magnet_asr.evaluation.decode import MagnetWhisperRecognizer
+    from magnet_asr.models.whisper_generation import decoder_prompt, language_and_task
     from magnet_asr.weights import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.encoder.name))
     num_predictors = len(model.config.predictor_layers)
+    # one prompt for training and decoding (docs/architecture.md, "Decoding"); saved with the model's
+    # generation settings, so final/ decodes with it too (transformers' pipeline included)
+    language, task = language_and_task(model, cfg.encoder.language, cfg.encoder.task)
+    if language is not None:
+        model.generation_config.language, model.generation_config.task = language, task
     collator = WhisperCollator(
         tokenizer,
         n_mels=model.config.num_mel_bins,
@@ -94,6 +100,7 @@ def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
         num_predictors=num_predictors,
         boundaries_per_unit=cfg.compressor.boundaries_per_unit,
         phone_boundaries=bool(num_predictors and cfg.compressor.phone_supervision_weight),
+        prompt=decoder_prompt(model.generation_config, language, task),
     )
     rates = {}
     if cfg.training.predictor_learning_rate is not None:
@@ -105,7 +112,9 @@ def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
         model,
         tokenizer,
         collator,
-        lambda m: MagnetWhisperRecognizer(cast("MagnetWhisper", m), tokenizer, name=cfg.run_name),
+        lambda m: MagnetWhisperRecognizer(
+            cast("MagnetWhisper", m), tokenizer, name=cfg.run_name, language=language, task=task
+        ),
         rates,
         feature_extractor=features,
     )

@@ -507,11 +507,12 @@ class GRPOTrainer(MagnetTrainer):
         return torch.zeros((), device=self.args.device, requires_grad=True)
 
     def _rollout_loss(self, model, inputs: dict[str, Any], slot: int) -> tuple[Tensor, Any]:
-        self.skipped_samples += int(inputs.pop("num_skipped", 0))
+        dropped = int(inputs.pop("num_skipped", 0))
         self._rollouts[slot] = None
-        if "input_features" not in inputs:  # the whole batch was bad
-            self.skipped_batches += 1
-            return self._zero_loss(), None
+        # decided by every rank together (MagnetTrainer.skip_together): a rank that skipped the rollout
+        # alone would leave the others in the forward's and the backward's collectives
+        if self.skip_together("input_features" not in inputs, dropped):  # the whole batch was bad
+            return self.skipped_loss(model), None
         predictors = policy_predictors(model)
         inside = {id(p) for predictor in predictors for p in predictor.parameters()}
         # Without a graph from the forward pass, the loss is recomputed on the stored predictor inputs
@@ -523,13 +524,15 @@ class GRPOTrainer(MagnetTrainer):
             or any(p.requires_grad for p in model.parameters() if id(p) not in inside)
         )
         rollout, outputs = collect_rollout(model, inputs, self.grpo, track_grad=track)
-        if not torch.isfinite(rollout.rewards).all():
-            self.skipped_batches += 1  # a NaN reward would poison every advantage of its group
-            return self._zero_loss(), outputs
         live = outputs.predictor_inputs if track else None
         loss, stats = grpo_loss(predictors, rollout, self.grpo, live_inputs=live)
         if self.grpo.asr_loss_weight > 0:
             loss = loss + self.grpo.asr_loss_weight * outputs.asr_loss
+        # a NaN reward would poison every advantage of its group; the zero-weighted loss keeps the graph
+        # a normal step backpropagates through
+        finite = bool(torch.isfinite(rollout.rewards).all()) and bool(torch.isfinite(loss))
+        if self.skip_together(not finite):
+            return self.skipped_loss(model, loss), outputs
         self._rollouts[slot] = rollout
         self._record(outputs)
         self._log_stats({**rollout.stats, **stats})

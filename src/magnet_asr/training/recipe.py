@@ -153,6 +153,7 @@ def _setup_trainer(cfg: Any, setup: ModelSetup, data: DataSplits, output_dir: Pa
         eval_utterances=data.validation,
         max_batch_seconds=cfg.training.max_batch_seconds,
         learning_rates=setup.learning_rates,
+        max_eval_skip_fraction=cfg.training.max_eval_skip_fraction,
         callbacks=[ScheduleCallback.from_config(cfg)],
         **extra,
     )
@@ -232,8 +233,10 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     final_dir = output_dir / "final"
     trainer.save_model(str(final_dir))
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    # One line per rank: under DDP every rank must end with the same weights.
-    print(f"rank {trainer.accelerator.process_index} weights checksum {weights_checksum(model)}", flush=True)
+    if cfg.training.log_weights_checksum:  # one line per rank: under DDP every rank must end alike
+        print(
+            f"rank {trainer.accelerator.process_index} weights checksum {weights_checksum(model)}", flush=True
+        )
     if not trainer.is_world_process_zero():
         return {}
     setup.tokenizer.save_pretrained(str(final_dir))
@@ -245,7 +248,14 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     recognizer = setup.make_recognizer(model)
     batch_size = cfg.training.per_device_batch_size
     for spec, utterances in data.test.items():
-        summary = evaluate(recognizer, utterances, batch_size=batch_size, data_name=spec, split="test")
+        summary = evaluate(
+            recognizer,
+            utterances,
+            batch_size=batch_size,
+            data_name=spec,
+            split="test",
+            max_skip_fraction=cfg.training.max_eval_skip_fraction,
+        )
         results["test"][spec] = {k: v for k, v in summary.items() if k != "utterances"}
         write_json(summary, output_dir / f"test_{_file_stem(spec)}.json")
     results["train_skipped_samples"] = trainer.skipped_samples
@@ -303,11 +313,19 @@ def dry_run(cfg: Any) -> dict[str, Any]:
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
-    """A short hash of every parameter's bytes (compares weights across ranks or runs)."""
+    """A short hash of the trained parameters (``requires_grad``): names, dtypes, shapes and bytes.
+
+    Compares weights across ranks or runs. Frozen parts (an LLM beside LoRA) are left out: they do not
+    change, and copying them would take a 7B LLM's size in host memory on every rank. Tensors are read
+    one at a time in their own dtype (no float32 copy), so host memory holds one trained tensor at most.
+    """
     import hashlib
 
     digest = hashlib.sha256()
-    for name, param in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(param.detach().float().cpu().numpy().tobytes())
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if not param.requires_grad:
+            continue
+        data = param.detach()
+        digest.update(f"{name} {data.dtype} {tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).cpu().numpy())
     return digest.hexdigest()[:16]

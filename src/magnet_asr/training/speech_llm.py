@@ -82,6 +82,7 @@ def ctc_warmup(
     learning_rate: float,
     seed: int = 0,
     max_grad_norm: float = 1.0,
+    accelerator: Any = None,
 ) -> dict[str, Any]:
     """Train the projector (and predictors) on the CTC loss alone before the LLM trains.
 
@@ -91,49 +92,77 @@ def ctc_warmup(
     them already make the audio tokens decodable by CTC alone (the closing note of issue 5 has the
     figures). The frozen encoder's outputs come from the model's cache after the first epoch.
 
-    Bad batches (every sample unreadable, or a non-finite loss) are skipped and counted. Returns the
-    figures the run reports: steps, first and last mean CTC loss (without the boundary loss that the
-    predictors also train on), seconds, skipped batches.
-    """
-    from torch.utils.data import DataLoader
+    It runs before the Trainer wraps the model, so it does what the Trainer would
+    (docs/architecture.md, "Several processes"), given the run's ``accelerator``: each rank reads its
+    own share of the data (``dataset[rank::world]``); the parts it uses (encoder, projector, the LLM's
+    token embeddings, not the LLM) run on the accelerator's device, and go back where they were after
+    (under FSDP the model waits on the CPU for its wrapping); the forward runs under the configured
+    mixed precision (``accelerator.autocast()``, with a gradient scaler for fp16); and the gradients are
+    averaged over the ranks before every step, so every rank keeps the same projector. Without an
+    accelerator: one process, the model's device, fp32.
 
+    Bad batches (every sample unreadable, or a non-finite loss) are skipped and counted; under several
+    processes the ranks skip together (the gradient average is a collective every rank must enter).
+    Returns the figures the run reports: steps, first and last mean CTC loss of this rank (without the
+    boundary loss that the predictors also train on), seconds, skipped batches.
+    """
+    from contextlib import nullcontext
+
+    from torch.utils.data import DataLoader, Subset
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("llm.")]
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size, shuffle=True, collate_fn=collator, generator=generator)
-    device = next(model.parameters()).device
+    shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
+    loader = DataLoader(shard, batch_size, shuffle=True, collate_fn=collator, generator=generator)
+    home = next(model.parameters()).device
+    device = accelerator.device if accelerator else home
+    parts = [model.encoder, model.projector, model.llm.get_input_embeddings()]
+    for part in parts:
+        part.to(device)
+    fp16 = accelerator is not None and accelerator.mixed_precision == "fp16"
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     model.train()
     losses: list[float] = []
     skipped, done, start = 0, 0, time.perf_counter()
-    with tqdm(total=steps, desc="CTC warm-up (projector)") as progress:
+    with tqdm(total=steps, desc="CTC warm-up (projector)", disable=rank > 0) as progress:
         while done < steps:
             for batch in loader:
                 if done >= steps:
                     break
                 done += 1
                 progress.update(1)
-                if "input_features" not in batch:
+                optimizer.zero_grad(set_to_none=False)
+                loss = None
+                if "input_features" in batch:
+                    with accelerator.autocast() if accelerator else nullcontext():
+                        loss, audio = model.alignment_loss(
+                            batch["input_features"].to(device),
+                            batch["attention_mask"].to(device),
+                            batch["labels"].to(device),
+                            batch["target_counts"].to(device) if "target_counts" in batch else None,
+                            batch["cache_keys"],
+                        )
+                    if torch.isfinite(loss):
+                        scaler.scale(loss).backward()
+                    else:
+                        loss = None
+                if not _average_gradients(params, bad=loss is None, world=world):
                     skipped += 1
                     continue
-                loss, audio = model.alignment_loss(
-                    batch["input_features"].to(device),
-                    batch["attention_mask"].to(device),
-                    batch["labels"].to(device),
-                    batch["target_counts"].to(device) if "target_counts" in batch else None,
-                    batch["cache_keys"],
-                )
-                if not torch.isfinite(loss):
-                    skipped += 1
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                optimizer.step()
-                ctc = loss.detach()
+                scaler.step(optimizer)
+                scaler.update()
+                assert loss is not None  # a rank without a loss made every rank skip
+                ctc = loss.detach().float()
                 if audio.boundary_loss is not None:  # report the CTC part alone
-                    ctc = ctc - model.config.boundary_loss_weight * audio.boundary_loss.detach()
+                    ctc = ctc - model.config.boundary_loss_weight * audio.boundary_loss.detach().float()
                 losses.append(float(ctc))
                 progress.set_postfix(ctc_loss=f"{losses[-1]:.3f}")
+    for part in parts:
+        part.to(home)
     window = max(1, min(50, len(losses) // 4))
     stats = {
         "ctc_warmup_steps": steps,
@@ -142,11 +171,34 @@ def ctc_warmup(
         "seconds": round(time.perf_counter() - start, 1),
         "skipped_batches": skipped,
     }
-    print(
-        f"CTC warm-up: {steps} steps in {stats['seconds']} s, "
-        f"CTC loss {stats['ctc_loss_first']:.3f} -> {stats['ctc_loss_last']:.3f}, {skipped} batch(es) skipped"
-    )
+    if rank == 0:
+        print(
+            f"CTC warm-up: {steps} steps in {stats['seconds']} s, CTC loss {stats['ctc_loss_first']:.3f} -> "
+            f"{stats['ctc_loss_last']:.3f}, {skipped} batch(es) skipped"
+            + (f" ({world} processes, each on its share of the data)" if world > 1 else "")
+        )
     return stats
+
+
+def _average_gradients(params: list[torch.nn.Parameter], bad: bool, world: int) -> bool:
+    """Average the gradients of ``params`` over ``world`` ranks in one all-reduce, with a flag for a rank
+    whose batch was bad (its gradients are zero); returns whether the step goes ahead (no rank was
+    bad). A gradient that is None counts as zero: every rank sends the same layout."""
+    if world == 1:
+        return not bad
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [grads[0].new_tensor([float(bad)]).float()])
+    dist.all_reduce(flat)
+    if flat[-1] > 0:
+        return False
+    flat = flat[:-1] / world
+    offset = 0
+    for param, grad in zip(params, grads):
+        param.grad = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
+        offset += grad.numel()
+    return True
 
 
 def setup_speech_llm(cfg: Any) -> ModelSetup:
@@ -188,6 +240,7 @@ def setup_speech_llm(cfg: Any) -> ModelSetup:
             batch_size=t.per_device_batch_size,
             learning_rate=float(t.projector_learning_rate or t.learning_rate),
             seed=t.seed,
+            accelerator=trainer.accelerator,
         )
 
     distiller = None

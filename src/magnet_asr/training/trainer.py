@@ -2,8 +2,10 @@
 
 - the boundary losses ride on the model's loss; their parts (ASR loss, boundary loss, compression
   ratio, train boundary rate) are averaged over each logging window and logged next to ``loss``;
-- a batch whose loss is not finite is skipped (no gradient reaches the optimizer) and counted, and
-  so are samples the collator dropped (``num_skipped``): bad data never ends or poisons a run;
+- a micro-batch with no usable sample, or whose loss is not finite, is skipped and counted, and so
+  are samples the collator dropped (``num_skipped``): bad data never ends or poisons a run. Under
+  several processes the ranks decide together (:meth:`MagnetTrainer.skip_together`), so every rank
+  enters the same collectives (docs/architecture.md, "Several processes");
 - dynamic batching by duration (``max_batch_seconds``);
 - a streamed training set (``data.streaming``): its own loader, its position saved in each checkpoint and
   restored on resume (:mod:`magnet_asr.data.streaming`);
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import types
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,9 +49,12 @@ class MagnetTrainer(Trainer):
         max_batch_seconds: float | None = None,
         learning_rates: dict[str, float] | None = None,
         distiller: Any = None,
+        max_eval_skip_fraction: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # evaluation fails when it skipped more than this share of its utterances (None: any share)
+        self.max_eval_skip_fraction = max_eval_skip_fraction
         self.distiller = distiller  # magnet_asr.training.distillation.Distiller, or None
         # compute_loss returns the model's mean loss; the Trainer must scale it for accumulation itself
         self.model_accepts_loss_kwargs = False
@@ -58,8 +64,9 @@ class MagnetTrainer(Trainer):
         self.learning_rates = dict(learning_rates or {})  # parameter-name prefix -> learning rate
         self._window: dict[str, list[float]] = defaultdict(list)
         self._counts: dict[str, float] = defaultdict(float)
-        self.skipped_samples = 0
-        self.skipped_batches = 0
+        self.skipped_samples = 0  # summed over ranks (skip_together)
+        self.skipped_batches = 0  # micro-batches every rank skipped together
+        self._skip_step = False  # the current accumulation window's optimizer step is skipped
         self.stream_loader: StreamLoader | None = None  # the training loader of a streamed dataset
 
     # --- data -------------------------------------------------------------------------------------
@@ -107,40 +114,81 @@ class MagnetTrainer(Trainer):
 
     # --- optimization -----------------------------------------------------------------------------
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is not None or not self.learning_rates:
-            return super().create_optimizer()
-        groups: dict[float, list[torch.nn.Parameter]] = defaultdict(list)
-        assert self.model is not None  # Trainer.__init__ builds it (model or model_init)
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            lr = next(
-                (lr for prefix, lr in self.learning_rates.items() if prefix in name), self.args.learning_rate
-            )
-            groups[lr].append(param)
-        param_groups = [
-            {"params": params, "lr": lr, "weight_decay": self.args.weight_decay}
-            for lr, params in groups.items()
-        ]
-        self.optimizer = torch.optim.AdamW(param_groups, lr=self.args.learning_rate)
-        return self.optimizer
+        if self.optimizer is None and self.learning_rates:
+            groups: dict[float, list[torch.nn.Parameter]] = defaultdict(list)
+            assert self.model is not None  # Trainer.__init__ builds it (model or model_init)
+            for name, param in self.model.named_parameters():
+                if not param.requires_grad:
+                    continue
+                lr = next(
+                    (lr for prefix, lr in self.learning_rates.items() if prefix in name),
+                    self.args.learning_rate,
+                )
+                groups[lr].append(param)
+            param_groups = [
+                {"params": params, "lr": lr, "weight_decay": self.args.weight_decay}
+                for lr, params in groups.items()
+            ]
+            self.optimizer = torch.optim.AdamW(param_groups, lr=self.args.learning_rate)
+        optimizer = super().create_optimizer(model)  # the one above, or the Trainer's own from its arguments
+        _skip_steps_when(optimizer, self._take_skip_flag)
+        return optimizer
+
+    def _take_skip_flag(self) -> bool:
+        skip, self._skip_step = self._skip_step, False
+        return skip
+
+    # --- skipping bad batches ---------------------------------------------------------------------
+    def skip_together(self, bad: bool, dropped_samples: int = 0) -> bool:
+        """Whether any rank has a bad micro-batch; adds every rank's ``dropped_samples`` to ``skipped_samples``.
+
+        One all-reduce. Every rank calls it at the same points of a step, so all of them take the same
+        branch: a rank that skipped alone would leave out the forward's and the backward's collectives
+        that the others enter (under DDP they then wait for each other, or pair collectives of different
+        steps). The counts are therefore the same on every rank.
+        """
+        counts = torch.tensor([float(bad), float(dropped_samples)], device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        self.skipped_samples += int(counts[1])
+        return bool(counts[0] > 0)
+
+    def skipped_loss(self, model: torch.nn.Module, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss a skipped micro-batch returns (on every rank alike): zero, with a backward.
+
+        ``loss``: the step's loss when every rank ran the forward; the backward then takes the graph a
+        normal step takes (the one DDP prepared for and, with ``find_unused_parameters``, searched),
+        zero-weighted (``nan_to_num`` first: NaN * 0 is NaN). Without a forward, a zero-weighted sum over
+        the trainable parameters: every parameter's gradient hook fires, as engines that reduce from
+        those hooks (DeepSpeed ZeRO) expect. Either way the gradients of this accumulation window are
+        useless (zero, or NaN where the activations were), so the window's optimizer step is skipped
+        too (:func:`_skip_steps_when`): no weight moves, not even by AdamW's momentum or weight decay,
+        which a step on zero gradients would apply. The learning-rate schedule still advances, and the
+        window's other micro-batches are dropped with it.
+        """
+        if model.training:  # an evaluation loss has no step to skip
+            self.skipped_batches += 1
+            self._skip_step = True
+        if loss is not None:
+            return loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+        zero = torch.zeros((), device=self.args.device, requires_grad=True)
+        return sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad), zero)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.skipped_samples += int(inputs.pop("num_skipped", 0))
+        dropped = int(inputs.pop("num_skipped", 0))
         # the collator's lists for distillation, not model inputs
         extras = {key: inputs.pop(key) for key in BATCH_KEYS if key in inputs}
-        if "input_features" not in inputs and "input_ids" not in inputs:  # the whole batch was bad
-            self.skipped_batches += 1
-            loss = torch.zeros((), device=self.args.device, requires_grad=True)
+        empty = "input_features" not in inputs and "input_ids" not in inputs  # the whole batch was bad
+        if self.skip_together(empty, dropped if model.training else 0):
+            loss = self.skipped_loss(model)
             return (loss, None) if return_outputs else loss
         outputs = model(**inputs)
         loss, parts = outputs.loss, {}
         if self.distiller is not None and extras:
             loss, parts = self.distiller.loss(outputs, {**inputs, **extras})
-        if not torch.isfinite(loss):
-            # A NaN/Inf here would poison every weight through the optimizer; drop the batch instead.
-            self.skipped_batches += 1
-            loss = torch.zeros((), device=loss.device, requires_grad=True)
+        if self.skip_together(not bool(torch.isfinite(loss))):
+            # A NaN/Inf here would poison every weight through the optimizer
+            loss = self.skipped_loss(model, loss)
         else:
             self._record(outputs)
             for key, value in parts.items():
@@ -242,15 +290,24 @@ class MagnetTrainer(Trainer):
         model.eval()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         shard = self.eval_utterances[rank::world]
-        summary = evaluate(
-            self.make_recognizer(model), shard, batch_size=self.args.per_device_eval_batch_size
-        )
+        recognizer = self.make_recognizer(model)
+        recognizer.synced_gpus = shards_parameters(self.accelerator)
+        summary = evaluate(recognizer, shard, batch_size=self.args.per_device_eval_batch_size)
         model.train(was_training)
         pairs = gather_object([(r["reference"], r["hypothesis"]) for r in summary["utterances"]])
         stats = gather_object(
             [(summary["encoder_frames"], summary["compressed_frames"], summary["num_skipped"])]
         )
+        from magnet_asr.evaluation.evaluate import check_skipped
         from magnet_asr.text import wer
+
+        # from the gathered counts, the same on every rank: all of them stop together
+        check_skipped(
+            sum(s[2] for s in stats),
+            len(self.eval_utterances),
+            self.max_eval_skip_fraction,
+            f"{metric_key_prefix} at step {self.state.global_step}",
+        )
 
         metrics = {
             f"{metric_key_prefix}_wer": wer([p[0] for p in pairs], [p[1] for p in pairs])
@@ -263,6 +320,42 @@ class MagnetTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+def shards_parameters(accelerator: Any) -> bool:
+    """Whether the model's parameters are split over several ranks (FSDP, DeepSpeed ZeRO-3): then every
+    forward needs every rank, ``generate`` included (``synced_gpus``)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes < 2:
+        return False
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and plugin is not None
+        and plugin.zero_stage == 3
+    )
+
+
+def _skip_steps_when(optimizer: torch.optim.Optimizer, skip: Callable[[], bool]) -> None:
+    """Make ``optimizer.step()`` do nothing when ``skip()`` says so (it is asked once per step).
+
+    The Trainer's loop steps the optimizer unconditionally; this is the one place a step can be left
+    out. The replacement is a bound method, as the learning-rate scheduler expects when it wraps
+    ``step`` to track calls. DeepSpeed steps its own optimizer inside its engine: there a skipped
+    window steps on the zero gradients (identically on every rank).
+    """
+    if getattr(optimizer, "_magnet_skippable", False):
+        return
+    step = optimizer.step
+
+    def guarded(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        return None if skip() else step(*args, **kwargs)
+
+    optimizer.step = types.MethodType(guarded, optimizer)  # type: ignore[method-assign]
+    optimizer._magnet_skippable = True  # type: ignore[attr-defined]
 
 
 def _predictors(model: torch.nn.Module) -> list[torch.nn.Module]:
