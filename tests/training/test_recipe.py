@@ -52,6 +52,9 @@ def test_train_end_to_end_skips_bad_samples(
     assert results["train_skipped_samples"] >= 1  # the corrupt file, every time it is drawn
     test = results["test"][str(speech_manifest)]
     assert test["num_utterances"] == 2 and test["mean_compression"] > 1.0
+    # the validation curve: one entry per evaluation (steps 3 and 6)
+    assert [e["step"] for e in results["evaluations"]] == [3, 6]
+    assert all(e["eval_wer"] >= 0 for e in results["evaluations"])
     assert sorted(p.name for p in out_dir.glob("checkpoint-*")) == [
         "checkpoint-2",
         "checkpoint-4",

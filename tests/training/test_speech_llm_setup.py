@@ -129,10 +129,12 @@ def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(whisper_window_s
         model=model,
         args=args,
         train_dataset=SpeechDataset(utterances),
+        eval_dataset=SpeechDataset(utterances[:2]),
         data_collator=setup.collator,
         make_recognizer=make_recognizer,
         eval_utterances=utterances[:2],
         learning_rates=setup.learning_rates,
+        evaluation_figures=setup.evaluation_figures,
     )
     projector_before = model.projector.linear_in.weight.detach().clone()
     trainer.train()
@@ -141,7 +143,13 @@ def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(whisper_window_s
     assert len(model.encoder_cache.entries) == 4  # frozen encoder, no predictor: cached after epoch 1
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all(np.isfinite(h["loss"]) for h in logged) and "compression" in logged[0]
-    assert np.isfinite(trainer.evaluate()["eval_wer"])
+    metrics = trainer.evaluate()
+    assert np.isfinite(metrics["eval_wer"])
+    # does the LLM read the audio: both losses on the validation pair, logged with the WER
+    assert metrics["eval_audio_loss_tokens"] > 0 and np.isfinite(metrics["eval_audio_loss_gap"])
+    assert metrics["eval_audio_loss_gap"] == pytest.approx(
+        metrics["eval_audio_loss_rolled"] - metrics["eval_audio_loss_own"]
+    )
 
     final = tmp_path / "final"
     trainer.save_model(str(final))  # what the recipe saves into final/

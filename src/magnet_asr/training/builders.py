@@ -59,6 +59,8 @@ class ModelSetup:
     distiller: Any = None
     # saved into final/ beside the tokenizer, for transformers' ASR pipeline
     feature_extractor: Any = None
+    # (model, trainer) -> figures logged at each evaluation beside the WER (SpeechLLM: the audio loss gap)
+    evaluation_figures: Callable[[torch.nn.Module, Any], dict[str, float]] | None = None
 
 
 def encoder_settings(cfg: Any) -> dict[str, Any]:

@@ -154,6 +154,7 @@ def _setup_trainer(cfg: Any, setup: ModelSetup, data: DataSplits, output_dir: Pa
         max_batch_seconds=cfg.training.max_batch_seconds,
         learning_rates=setup.learning_rates,
         max_eval_skip_fraction=cfg.training.max_eval_skip_fraction,
+        evaluation_figures=setup.evaluation_figures,
         callbacks=[ScheduleCallback.from_config(cfg)],
         **extra,
     )
@@ -266,6 +267,8 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     if logged:
         results["train_log"] = logged[-1]
+    # every validation: the WER curve, and each family's own figures (SpeechLLM: own vs rolled audio loss)
+    results["evaluations"] = [entry for entry in trainer.state.log_history if "eval_wer" in entry]
     if setup.distiller is not None:
         results["distillation"] = setup.distiller.summary()
     write_json(results, output_dir / "results.json")

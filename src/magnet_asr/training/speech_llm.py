@@ -243,6 +243,21 @@ def setup_speech_llm(cfg: Any) -> ModelSetup:
             accelerator=trainer.accelerator,
         )
 
+    def audio_figures(trained: Any, trainer: Any) -> dict[str, float]:
+        from accelerate.utils import gather_object
+
+        from magnet_asr.training.audio_reliance import audio_loss_gap
+
+        return audio_loss_gap(
+            trained,
+            trainer.eval_dataset,
+            collator,
+            trainer.args.per_device_eval_batch_size,
+            rank=trainer.accelerator.process_index,
+            world_size=trainer.accelerator.num_processes,
+            gather=gather_object,
+        )
+
     distiller = None
     if cfg.distillation.enabled:  # KL on the response tokens from a trained (uncompressed) SpeechLLM
         from magnet_asr.training.distillation import build_distiller
@@ -258,4 +273,5 @@ def setup_speech_llm(cfg: Any) -> ModelSetup:
         before_training=warm_up if projector.ctc_warmup_steps > 0 else None,
         distiller=distiller,
         feature_extractor=WhisperFeatureExtractor(feature_size=model.encoder.config.num_mel_bins),
+        evaluation_figures=audio_figures,
     )

@@ -50,11 +50,13 @@ class MagnetTrainer(Trainer):
         learning_rates: dict[str, float] | None = None,
         distiller: Any = None,
         max_eval_skip_fraction: float | None = None,
+        evaluation_figures: Callable[[torch.nn.Module, Trainer], dict[str, float]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         # evaluation fails when it skipped more than this share of its utterances (None: any share)
         self.max_eval_skip_fraction = max_eval_skip_fraction
+        self.evaluation_figures = evaluation_figures  # a family's own figures at each evaluation
         self.distiller = distiller  # magnet_asr.training.distillation.Distiller, or None
         # compute_loss returns the model's mean loss; the Trainer must scale it for accumulation itself
         self.model_accepts_loss_kwargs = False
@@ -317,6 +319,9 @@ class MagnetTrainer(Trainer):
             f"{metric_key_prefix}_skipped": float(sum(s[2] for s in stats)),
             f"{metric_key_prefix}_num_utterances": float(len(pairs)),
         }
+        if self.evaluation_figures is not None:  # every rank computes its share (it may gather)
+            figures = self.evaluation_figures(model, self)
+            metrics.update({f"{metric_key_prefix}_{key}": value for key, value in figures.items()})
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
