@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from magnet_asr.data.sampler import DurationBatchSampler
+from processes import kill_tree
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
 
@@ -91,12 +92,7 @@ def _run(tmp_path: Path, model_dir: Path, rows: list[dict], train_args, start_tr
     try:
         log, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        import psutil
-
-        # the ranks too: torchrun starts each in a session of its own, out of the launcher's group
-        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-            process.kill()
-        log, _ = proc.communicate()
+        log = kill_tree(proc)
         pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s (a rank waiting alone?):\n{log[-3000:]}")
     assert proc.returncode == 0, log[-4000:]
     checksums = dict(re.findall(r"rank (\d) weights checksum (\w+)", log))
