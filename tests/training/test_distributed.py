@@ -208,3 +208,20 @@ def test_fsdp_launch_on_cpu_refuses(tmp_path, tiny_whisper_dir, speech_manifest,
     assert "accelerate runs FSDP on GPUs (accelerators) only and set up DistributedType.MULTI_CPU" in out
     assert not list(out_dir.glob("checkpoint-*"))
 
+
+GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
+
+
+def test_gpu_check_script_is_valid_and_its_run_composes():
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
+    printed = subprocess.run(
+        ["bash", str(GPU_CHECK), "--print-overrides"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    cfg = load_run_config(printed)
+    assert cfg.model == "speech_llm" and cfg.training.precision == "bf16"
+    assert cfg.encoder.name == "whisper-base" and cfg.llm.name == "smollm2-135m-instruct"  # largest bundled
+    assert cfg.llm.finetune == "lora" and cfg.training.max_batch_seconds == 120  # duration batching
+    assert cfg.training.max_steps == 40 and cfg.training.eval_steps == 0
+    assert list(cfg.data.train) == ["synth", "asterisk"] and list(cfg.data.test) == ["asterisk"]
+    for name in ("a40", "fsdp"):  # the launch configs it names
+        assert (REPO / "configs" / "accelerate" / f"{name}.yaml").is_file()
