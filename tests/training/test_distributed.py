@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from accelerate.utils import DistributedType
 
 from magnet_asr.schema import load_run_config
 from magnet_asr.training.distributed import FSDP_ENV, prepare_sharding, save_final, wrap_classes
@@ -101,7 +102,11 @@ def _trainer(plugin, *, fsdp: bool = True, saved: list | None = None) -> SimpleN
     return SimpleNamespace(
         is_fsdp_enabled=fsdp,
         is_deepspeed_enabled=False,
-        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), distributed_type="MULTI_CPU"),
+        accelerator=SimpleNamespace(
+            state=SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=None),
+            distributed_type=DistributedType.FSDP if fsdp else DistributedType.MULTI_CPU,
+            num_processes=2,
+        ),
         is_world_process_zero=lambda: True,
         save_model=lambda directory: saved.append(directory) if saved is not None else None,
     )
@@ -118,7 +123,7 @@ def test_prepare_sharding_replaces_the_configured_classes(families, monkeypatch)
     with pytest.raises(ValueError, match="FSDP1 cannot shard a model with frozen parameters"):
         prepare_sharding(_trainer(fsdp_plugin(fsdp_version=1, use_orig_params=False)), model)
     monkeypatch.setenv(FSDP_ENV, "true")  # launched with FSDP, but accelerate set up none
-    with pytest.raises(ValueError, match="accelerate runs FSDP on GPUs .* set up MULTI_CPU"):
+    with pytest.raises(ValueError, match="accelerate runs FSDP on GPUs .* set up DistributedType.MULTI_CPU"):
         prepare_sharding(_trainer(None, fsdp=False), model)
     monkeypatch.setenv(FSDP_ENV, "false")
     prepare_sharding(_trainer(None, fsdp=False), model)  # DDP or one process: nothing to do

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from magnet_asr.models.encoder import MagnetWhisperEncoder
+from magnet_asr.training.trainer import shards_parameters
 
 # The launcher's flag for FSDP (`accelerate launch` with `distributed_type: FSDP` exports it to every process).
 FSDP_ENV = "ACCELERATE_USE_FSDP"
@@ -58,13 +59,13 @@ def same_forwards_on_every_rank(model: torch.nn.Module) -> None:
 
 def prepare_sharding(trainer: Any, model: torch.nn.Module) -> None:
     """Set the FSDP auto-wrap classes from ``model`` on ``trainer``'s FSDP plugin, and make every rank run the
-    same forwards (:func:`same_forwards_on_every_rank`) under FSDP or ZeRO-3; call before ``train``.
+    same forwards (:func:`same_forwards_on_every_rank`) where the parameters are sharded (FSDP, ZeRO-3 over
+    several processes); call before ``train``.
 
     Raises where the launcher asked for FSDP but accelerate set up none (CPU processes), and for FSDP1 over a
     model with frozen parameters without ``use_orig_params`` (FSDP1 flattens a unit's parameters into one
     tensor, which cannot be partly frozen; FSDP2 shards each parameter on its own)."""
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if trainer.is_fsdp_enabled or zero3:
+    if shards_parameters(trainer.accelerator):
         same_forwards_on_every_rank(model)
     if not trainer.is_fsdp_enabled:
         if os.environ.get(FSDP_ENV, "false").lower() == "true":
