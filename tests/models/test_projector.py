@@ -134,3 +134,11 @@ def test_merge_ctc_spikes_drops_blanks_and_averages_repeats_per_sample():
     torch.testing.assert_close(merged[1, 0], embeds[1, :3].mean(0))
     alone, _ = merge_ctc_spikes(embeds[1:, :3], mask[1:, :3], labels[1:, :3], blank)
     torch.testing.assert_close(alone[0], merged[1, :1])
+
+
+def test_ctc_head_parameters_shard_and_old_scalar_scale_loads():
+    head = EmbeddingCTCHead(16)
+    assert all(p.dim() >= 1 for p in head.parameters())  # FSDP2's fully_shard refuses 0-d parameters
+    old = {"blank": torch.zeros(16), "log_scale": torch.tensor(2.5)}  # saved when log_scale was a scalar
+    head.load_state_dict(old)
+    assert head.log_scale.shape == (1,) and float(head.log_scale.detach()) == 2.5

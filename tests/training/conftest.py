@@ -98,6 +98,23 @@ def speech_manifest(tmp_path_factory) -> Path:
     return manifest
 
 
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    """The tiny random Llama (tests/tiny.py) with the bundled SmolLM2 tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from magnet_asr.weights import resolve_model
+    from tiny import TINY_LLAMA
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_llm")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY_LLAMA)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def train_overrides(model_dir: Path, manifest: Path, output_dir: Path, **extra: object) -> list[str]:
     overrides = {
         "run_name": "tiny",

@@ -50,6 +50,8 @@ def test_train_end_to_end_skips_bad_samples(
     log = finish(start_training(overrides))
     results = json.loads((out_dir / "results.json").read_text())
     assert results["train_skipped_samples"] >= 1  # the corrupt file, every time it is drawn
+    figures = results["train_figures"]  # what scripts/gpu_check.sh prints
+    assert figures["train_steps_per_second"] > 0 and figures["peak_memory_gb"] is None  # no GPU here
     test = results["test"][str(speech_manifest)]
     assert test["num_utterances"] == 2 and test["mean_compression"] > 1.0
     # the validation curve: one entry per evaluation (steps 3 and 6)
@@ -166,23 +168,6 @@ def test_two_process_cpu_ddp(
     if "wandb" in extra.get("training.report_to", ""):
         assert "logging offline" in log
         assert len(list((out_dir / "wandb").glob("offline-run-*"))) == 1  # rank 0 only
-
-
-@pytest.fixture(scope="module")
-def tiny_llm_dir(tmp_path_factory) -> Path:
-    """The tiny random Llama (tests/tiny.py) with the bundled SmolLM2 tokenizer and chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from magnet_asr.weights import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
-    from tiny import TINY_LLAMA
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny_llm")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY_LLAMA)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def test_speech_llm_run_warms_up_the_projector_once(

@@ -133,6 +133,13 @@ class AudioProjector(nn.Module):
         return x * stacked_mask[..., None].to(x.dtype), stacked_mask
 
 
+def _scalar_log_scale(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Models saved when ``log_scale`` was a 0-d tensor load into its one-element shape."""
+    key = prefix + "log_scale"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 class EmbeddingCTCHead(nn.Module):
     """CTC over the LLM vocabulary, scored by cosine similarity with the (frozen) token embeddings.
 
@@ -151,7 +158,9 @@ class EmbeddingCTCHead(nn.Module):
             raise ValueError(f"negatives must be >= 0 or None, got {negatives}")
         self.negatives = negatives
         self.blank = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(initial_scale)))
+        # one element, not a scalar: FSDP2's fully_shard refuses 0-d parameters
+        self.log_scale = nn.Parameter(torch.tensor([math.log(initial_scale)]))
+        self.register_load_state_dict_pre_hook(_scalar_log_scale)
 
     def logits(self, embeds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """``embeds (B, A, H)``, ``table (V, H)`` -> ``(B, A, V + 1)``; the blank is the last class."""

@@ -207,6 +207,7 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
 
     ``command``: the command line that started it, for the model card in ``final/``."""
     from magnet_asr.evaluation.evaluate import evaluate, write_json
+    from magnet_asr.training.distributed import prepare_sharding, run_figures, save_final, trained_model
 
     output_dir = Path(cfg.training.output_dir)
     logging_environment(list(cfg.training.report_to), output_dir)
@@ -219,6 +220,7 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
             "data.streaming=true: projector.ctc_warmup_steps and distillation.prefill need data.streaming=false"
         )
     trainer = _setup_trainer(cfg, setup, data, output_dir)
+    prepare_sharding(trainer, setup.model)  # FSDP: the auto-wrap classes of this model
     world = trainer.accelerator.num_processes
     effective = cfg.training.per_device_batch_size * cfg.training.gradient_accumulation_steps * world
     if trainer.is_world_process_zero():
@@ -232,7 +234,7 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
         setup.distiller.prepare(data.train, setup.collator, trainer.accelerator, cfg.data.max_seconds)
     trainer.train(resume_from_checkpoint=resume)
     final_dir = output_dir / "final"
-    trainer.save_model(str(final_dir))
+    save_final(trainer, final_dir)  # under FSDP, the full state dict gathered on rank 0
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     if cfg.training.log_weights_checksum:  # one line per rank: under DDP every rank must end alike
         print(
@@ -246,7 +248,7 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"run_name": cfg.run_name, "model_dir": str(final_dir), "test": {}}
     if prepared:
         results["before_training"] = prepared
-    recognizer = setup.make_recognizer(model)
+    recognizer = setup.make_recognizer(trained_model(trainer, final_dir))
     batch_size = cfg.training.per_device_batch_size
     for spec, utterances in data.test.items():
         summary = evaluate(
@@ -261,6 +263,7 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
         write_json(summary, output_dir / f"test_{_file_stem(spec)}.json")
     results["train_skipped_samples"] = trainer.skipped_samples
     results["train_skipped_batches"] = trainer.skipped_batches
+    results["train_figures"] = run_figures(trainer)  # steps/s, peak GPU memory
     if trainer.stream_loader is not None:  # rank 0's stream: the rows it dropped, by reason
         results["train_stream_skipped"] = trainer.stream_loader.skipped_by_reason()
     # the last training log window: every loss part (ASR, boundary, distillation...) as logged
