@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 from magnet_asr.data.sampler import DurationBatchSampler
-from processes import kill_tree
+from processes import kill_tree, two_process_launcher
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 # a rank that waits alone in a collective would sit there for gloo's 30 minutes; this is far below
 TIMEOUT_S = 240
 MAX_BATCH_SECONDS = 4.0
@@ -45,17 +44,6 @@ if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.g
 
     magnet_whisper.MagnetWhisper.forward = _nan_forward
 """
-
-
-def _launcher(port: int) -> list[str]:
-    import shutil
-    import sys
-
-    executable = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    if executable is None:
-        pytest.skip("accelerate launcher not installed")
-    config = str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml")
-    return [executable, "launch", "--config_file", config, "--main_process_port", str(port), "-m"]
 
 
 def _train_rows(manifest: Path, corrupt: int) -> list[dict]:
@@ -88,7 +76,7 @@ def _run(tmp_path: Path, model_dir: Path, rows: list[dict], train_args, start_tr
             **extra,
         },
     )
-    proc = start_training(overrides, launcher=_launcher(port))
+    proc = start_training(overrides, launcher=two_process_launcher("accelerate", port))
     try:
         log, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:

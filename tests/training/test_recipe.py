@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,10 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from cli_helpers import run_pipeline
+from processes import two_process_launcher
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -117,16 +114,6 @@ def test_killed_run_resumes_to_the_same_weights(
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
-def _launcher(name: str, port: int) -> list[str]:
-    executable = shutil.which(name, path=str(Path(sys.executable).parent))
-    if executable is None:
-        pytest.skip(f"{name} launcher not installed")
-    if name == "accelerate":
-        config = str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml")
-        return [executable, "launch", "--config_file", config, "--main_process_port", str(port), "-m"]
-    return [executable, "--nproc_per_node", "2", "--master_port", str(port), "-m"]
-
-
 @pytest.mark.parametrize(
     ("launcher", "extra"),
     [
@@ -157,7 +144,7 @@ def test_two_process_cpu_ddp(
         },
     )
     port = 29533 if launcher == "accelerate" else 29534
-    log = finish(start_training(overrides, launcher=_launcher(launcher, port)), timeout=900)
+    log = finish(start_training(overrides, launcher=two_process_launcher(launcher, port)), timeout=900)
     checksums = dict(re.findall(r"rank (\d) weights checksum (\w+)", log))
     assert set(checksums) == {"0", "1"} and checksums["0"] == checksums["1"], log[-4000:]
     assert "effective batch size: 8 (2 process(es))" in log

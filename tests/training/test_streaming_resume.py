@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -15,24 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 from librispeech_fixtures import utterances, write_librispeech_folder
-from processes import kill_tree
+from processes import kill_tree, two_process_launcher
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 12  # killed at checkpoint-4 (of every 2 steps): the rest is well beyond the kill's latency
 
 
-def _accelerate(port: int) -> list[str]:
-    executable = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    if executable is None:
-        pytest.skip("accelerate launcher not installed")
-    config = str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml")
-    return [executable, "launch", "--config_file", config, "--main_process_port", str(port), "-m"]
-
-
 def _run(start_training, overrides: list[str], port: int) -> str:
-    proc = start_training(overrides, launcher=_accelerate(port))
+    proc = start_training(overrides, launcher=two_process_launcher("accelerate", port))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     return out
@@ -62,7 +51,7 @@ def test_streamed_two_process_run_resumes_the_stream(tmp_path, tiny_whisper_dir,
     reference = tmp_path / "reference"
     _run(start_training, overrides(reference, STEPS), 29541)
     killed = tmp_path / "killed"
-    proc = start_training(overrides(killed, STEPS), launcher=_accelerate(29542))
+    proc = start_training(overrides(killed, STEPS), launcher=two_process_launcher("accelerate", 29542))
     deadline = time.time() + 300
     while not (killed / "checkpoint-4").is_dir():
         assert proc.poll() is None, proc.communicate()[0][-3000:]
