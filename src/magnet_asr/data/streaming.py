@@ -36,10 +36,10 @@ import copy
 import json
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -112,16 +112,16 @@ def _libri_streams(source: LibriSource, split: str) -> list[StreamSource]:
         ours = source.splits[name] if source.splits and name in source.splits else our_split(name)
         if ours != split or (source.splits and name not in source.splits):
             continue
-        count = None
+        num_rows: int | None = None
         if hasattr(rows, "to_iterable_dataset"):  # a saved map-style dataset: its length is known
-            count = len(rows)
-            rows = _undecoded(rows).to_iterable_dataset(num_shards=max(1, min(count, MAX_LOCAL_SHARDS)))
+            num_rows = len(cast(Sized, rows))
+            rows = _undecoded(rows).to_iterable_dataset(num_shards=max(1, min(num_rows, MAX_LOCAL_SHARDS)))
         else:
             info = getattr(rows, "info", None)
             known = info.splits.get(name) if info is not None and info.splits else None
-            count = known.num_examples if known is not None and known.num_examples else None
+            num_rows = known.num_examples if known is not None and known.num_examples else None
             rows = _undecoded(rows)
-        out.append(StreamSource(f"{source.spec} ({name})", rows, count))
+        out.append(StreamSource(f"{source.spec} ({name})", rows, num_rows))
     return out
 
 
@@ -184,7 +184,10 @@ def _decode(utt_id: str, audio: Any, max_seconds: float | None) -> Any:
         return validate(wave, utt_id, max_seconds=max_seconds)
     if isinstance(audio, dict) and audio.get("bytes"):
         return decode_audio(audio["bytes"], utt_id, max_seconds=max_seconds)
-    return load_audio(audio.get("path") if isinstance(audio, dict) else audio, max_seconds=max_seconds)
+    path = audio.get("path") if isinstance(audio, dict) else audio
+    if not path:
+        raise AudioError(f"{utt_id}: no audio (neither bytes, an array nor a path)")
+    return load_audio(path, max_seconds=max_seconds)
 
 
 class StreamingSpeechDataset(torch.utils.data.IterableDataset):
@@ -406,7 +409,9 @@ class StreamLoader(DataLoader):
     def __init__(
         self, dataset: StreamingSpeechDataset, collator: Callable[..., dict[str, Any]], num_workers: int
     ) -> None:
-        super().__init__(dataset, batch_size=None, collate_fn=_Collate(collator), num_workers=num_workers)
+        # batch_size=None: the dataset yields whole batches, and collate_fn gets each one (not a list)
+        collate = cast(Callable[[list[Any]], Any], _Collate(collator))
+        super().__init__(dataset, batch_size=None, collate_fn=collate, num_workers=num_workers)
         self.positions: dict[int, dict[str, Any]] = {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]

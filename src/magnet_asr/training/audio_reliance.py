@@ -60,16 +60,16 @@ def audio_loss_gap(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    sums = [0.0, 0.0, 0]  # own loss x tokens, rolled loss x tokens, tokens
+    sums = [0.0, 0.0, 0.0]  # own loss x tokens, rolled loss x tokens, tokens
     for batch in loader:
         if "input_features" not in batch or batch["input_features"].shape[0] < 2:
             continue
         inputs = {k: batch[k] for k in (*AUDIO_KEYS, "labels") if k in batch}
-        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        count = float((batch["labels"] != IGNORE_INDEX).sum())
         for slot, candidate in enumerate((inputs, roll_audio(inputs))):
             moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in candidate.items()}
-            sums[slot] += float(model(**moved).asr_loss) * tokens
-        sums[2] += tokens
+            sums[slot] += float(model(**moved).asr_loss) * count
+        sums[2] += count
     model.train(was_training)
     shares = gather([tuple(sums)]) if gather is not None else [tuple(sums)]
     own, rolled, tokens = (sum(share[i] for share in shares) for i in range(3))

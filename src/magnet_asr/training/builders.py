@@ -94,7 +94,9 @@ def magnet_whisper_setup(cfg: Any, model: MagnetWhisper) -> ModelSetup:
     # generation settings, so final/ decodes with it too (transformers' pipeline included)
     language, task = language_and_task(model, cfg.encoder.language, cfg.encoder.task)
     if language is not None:
-        model.generation_config.language, model.generation_config.task = language, task
+        # WhisperGenerationConfig-only fields, which GenerationConfig (the declared type) does not name
+        setattr(model.generation_config, "language", language)  # noqa: B010
+        setattr(model.generation_config, "task", task)  # noqa: B010
     collator = WhisperCollator(
         tokenizer,
         n_mels=model.config.num_mel_bins,

@@ -333,5 +333,7 @@ def weights_checksum(model: torch.nn.Module) -> str:
             continue
         data = param.detach()
         digest.update(f"{name} {data.dtype} {tuple(data.shape)}".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).cpu().numpy())
+        digest.update(
+            data.reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+        )  # one tensor's copy at a time
     return digest.hexdigest()[:16]
