@@ -97,6 +97,9 @@ class ProjectorConfig:
     # learned compression by the CTC head: the LLM reads only the audio tokens where CTC emits a token
     # (blanks dropped, repeats merged), about the transcript's token rate; needs ctc_loss_weight > 0
     ctc_compression: bool = False
+    # spikes: the emitting audio tokens; segments: each also averages the blank tokens nearest to it
+    # (nothing dropped; models/projector.merge_ctc_spikes)
+    ctc_pooling: str = "spikes"
 
 
 @dataclass
@@ -193,6 +196,10 @@ class TrainingConfig:
     save_steps: int = 200
     save_total_limit: int = 3
     resume_from_checkpoint: str | None = None  # path, or `auto` for the newest complete checkpoint
+    # a saved model directory (runs/NAME/final) whose tensors start this run, where the names and shapes
+    # match (training.builders.initialize_from): a compressed student starts where its uncompressed teacher
+    # ended (speech_llm_demo_ctc). Frozen parts still come from their named sources
+    init_from: str | None = None
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     device: str = "auto"
     # print a hash of the trained parameters on every rank at the end (DDP ranks must agree); it reads

@@ -53,3 +53,23 @@ def test_phone_supervision_adds_the_phones_loss_and_the_collator_field():
         load_run_config(["+experiments=magnet_demo", "compressor.phone_supervision_weight=0"])
     )
     assert off["loss"] == ["binomial"] and off["loss_weights"] == [1.0]
+
+
+def test_init_from_a_control_run_leaves_only_the_new_predictors_fresh(tmp_path):
+    from magnet_asr.training.builders import initialize_from
+
+    torch.manual_seed(0)
+    control = MagnetWhisper(MagnetWhisperConfig(**TINY_WHISPER))
+    with torch.no_grad():
+        control.model.encoder.layers[1].fc1.weight.fill_(0.5)
+    control.save_pretrained(tmp_path / "control")
+    student = MagnetWhisper(
+        MagnetWhisperConfig(**TINY_WHISPER, predictor_layers=[1], predictor_settings=PHONEME)
+    )
+    counts = initialize_from(student, str(tmp_path / "control"))
+    predictor = [n for n, _ in student.named_parameters() if ".predictors." in n]
+    assert counts["fresh_trained"] == len(predictor) > 0
+    assert torch.equal(student.model.encoder.layers[1].fc1.weight, control.model.encoder.layers[1].fc1.weight)
+    student.save_pretrained(tmp_path / "student")
+    with pytest.raises(ValueError, match="tensors this model does not have: .*predictors"):
+        initialize_from(control, str(tmp_path / "student"))  # no predictor to take them

@@ -65,9 +65,16 @@ def test_demo_configs_compose_to_speech_llm_runs():
     assert compressed.compressor.enabled and compressed.compressor.target == "phoneme"
     # 50 frames/s -> ~11 phoneme segments/s -> stack 2: ~5.5 audio tokens/s against the baseline's 12.5/s
     assert compressed.projector.stack == 2 and 50 / base.projector.stack == 12.5
-    # both align the projector with CTC first, so the token savings are compared on equal terms
-    for run in (base, compressed):
-        assert run.projector.ctc_loss_weight > 0 and run.projector.ctc_warmup_steps == 1000
+    # both align the projector with CTC first; the compressed variant keeps the encoder and warm-up it
+    # was measured with
+    assert base.projector.ctc_warmup_steps == 3000 and base.encoder.name == "whisper-base"
+    assert compressed.projector.ctc_warmup_steps == 1000 and compressed.encoder.name == "whisper-tiny.en"
+    assert base.projector.ctc_loss_weight > 0 and compressed.projector.ctc_loss_weight > 0
+    # the CTC variant starts from the trained base run and distils from it: no warm-up of its own
+    ctc = load_run_config(["+experiments=speech_llm_demo_ctc"])
+    assert ctc.projector.ctc_compression and ctc.projector.ctc_warmup_steps == 0
+    assert ctc.distillation.enabled and ctc.distillation.teacher == ctc.training.init_from
+    assert ctc.distillation.teacher == "runs/speech_llm_demo/final" and ctc.encoder.name == base.encoder.name
 
 
 def test_setup_builds_the_configured_model(sources):
@@ -361,3 +368,37 @@ def test_speech_llm_distillation_needs_a_speech_llm_teacher(sources):
                 sources, "speech_llm_demo", "distillation.enabled=true", f"distillation.teacher={whisper}"
             )
         )
+
+
+def test_init_from_starts_the_ctc_student_where_its_teacher_ended(sources, tmp_path):
+    from magnet_asr.training.builders import initialize_from
+
+    torch.manual_seed(0)
+    teacher = setup_speech_llm(_config(sources, "speech_llm_demo")).model
+    with torch.no_grad():  # a "trained" teacher: projector and LoRA away from their initial values
+        for param in teacher.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    teacher.save_pretrained(str(tmp_path / "teacher"))
+    torch.manual_seed(1)
+    student = setup_speech_llm(_config(sources, "speech_llm_demo_ctc", "distillation=none")).model
+    trained = {n: p for n, p in teacher.named_parameters() if p.requires_grad}
+    differs = [n for n, p in student.named_parameters() if p.requires_grad and not torch.equal(p, trained[n])]
+    assert differs  # before: a fresh student
+    counts = initialize_from(student, str(tmp_path / "teacher"))
+    assert counts == {"loaded": len(trained), "fresh_trained": 0}
+    for name, param in student.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, trained[name]), name
+    assert student.config.ctc_compression and not teacher.config.ctc_compression  # its own config stays
+
+
+def test_init_from_refuses_another_architecture_and_a_missing_directory(sources, tmp_path):
+    from magnet_asr.training.builders import initialize_from
+
+    setup_speech_llm(_config(sources, "speech_llm_demo")).model.save_pretrained(str(tmp_path / "run"))
+    wider = setup_speech_llm(_config(sources, "speech_llm_demo", "projector.hidden_size=32")).model
+    with pytest.raises(ValueError, match=r"training.init_from .*projector\..* in this model"):
+        initialize_from(wider, str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="training.init_from"):
+        initialize_from(wider, str(tmp_path / "nowhere"))

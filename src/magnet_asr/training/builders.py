@@ -169,3 +169,38 @@ def setup_magnet_whisper(cfg: Any) -> ModelSetup:
         setup.distiller = build_distiller(cfg)
         setup.collator.keep_ids = True  # type: ignore[attr-defined]
     return setup
+
+
+def initialize_from(model: torch.nn.Module, directory: str) -> dict[str, Any]:
+    """Load the tensors of a saved model directory (``training.init_from``) into ``model``.
+
+    Every saved tensor must exist in ``model`` with the same shape (a different architecture is an
+    error, not a silent partial load); the model's tensors the directory lacks (e.g. a student's new
+    boundary predictors, or frozen parts a SpeechLLM does not save) keep their fresh values. Returns the
+    counts, for the run's log."""
+    from pathlib import Path
+
+    from magnet_asr.models.speech_llm import read_weights
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"training.init_from: {directory} is not a saved model directory")
+    saved = read_weights(path)
+    own = model.state_dict()
+    unknown = sorted(set(saved) - set(own))
+    if unknown:
+        raise ValueError(f"training.init_from {directory}: tensors this model does not have: {unknown[:3]}")
+    for key, tensor in saved.items():  # same size, other shape: a module's load hook may reshape it
+        if tensor.numel() != own[key].numel():
+            raise ValueError(
+                f"training.init_from {directory}: {key} is {tuple(tensor.shape)} there, "
+                f"{tuple(own[key].shape)} in this model"
+            )
+    model.load_state_dict(saved, strict=False)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    fresh = [n for n in trained if n not in saved]
+    print(
+        f"training.init_from {directory}: {len(saved)} tensors loaded; "
+        f"{len(fresh)} of {len(trained)} trained tensors start fresh"
+    )
+    return {"loaded": len(saved), "fresh_trained": len(fresh)}

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from magnet_asr.data.manifest import Utterance, read_manifest
-from magnet_asr.training.builders import ModelSetup
+from magnet_asr.training.builders import ModelSetup, initialize_from
 
 if TYPE_CHECKING:
     from magnet_asr.data.streaming import StreamingSpeechDataset
@@ -87,12 +87,16 @@ def _setup_model(cfg: Any) -> ModelSetup:
         from magnet_asr.training.builders import setup_magnet_whisper
         from magnet_asr.training.grpo import grpo_enabled, setup_grpo
 
-        return setup_grpo(cfg) if grpo_enabled(cfg) else setup_magnet_whisper(cfg)
-    if cfg.model == "speech_llm":
+        setup = setup_grpo(cfg) if grpo_enabled(cfg) else setup_magnet_whisper(cfg)
+    elif cfg.model == "speech_llm":
         from magnet_asr.training.speech_llm import setup_speech_llm
 
-        return setup_speech_llm(cfg)
-    raise ValueError(f"model: '{cfg.model}' cannot be trained (choose magnet_whisper or speech_llm)")
+        setup = setup_speech_llm(cfg)
+    else:
+        raise ValueError(f"model: '{cfg.model}' cannot be trained (choose magnet_whisper or speech_llm)")
+    if cfg.training.init_from:  # a resumed run's checkpoint then overrides these tensors, as it should
+        initialize_from(setup.model, cfg.training.init_from)
+    return setup
 
 
 def _training_arguments(cfg: Any, output_dir: Path):
@@ -208,6 +212,7 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     ``command``: the command line that started it, for the model card in ``final/``."""
     from magnet_asr.evaluation.evaluate import evaluate, write_json
     from magnet_asr.training.distributed import prepare_sharding, run_figures, save_final, trained_model
+    from magnet_asr.training.trainer import print_rank_line
 
     output_dir = Path(cfg.training.output_dir)
     logging_environment(list(cfg.training.report_to), output_dir)
@@ -237,8 +242,8 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     save_final(trainer, final_dir)  # under FSDP, the full state dict gathered on rank 0
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     if cfg.training.log_weights_checksum:  # one line per rank: under DDP every rank must end alike
-        print(
-            f"rank {trainer.accelerator.process_index} weights checksum {weights_checksum(model)}", flush=True
+        print_rank_line(
+            f"rank {trainer.accelerator.process_index} weights checksum {weights_checksum(model)}"
         )
     if not trainer.is_world_process_zero():
         return {}

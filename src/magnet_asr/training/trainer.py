@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import types
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -103,9 +104,7 @@ class MagnetTrainer(Trainer):
             self.train_dataset.shard(self.accelerator.process_index, self.accelerator.num_processes)
             self.train_dataset.restore(Path(resume_from_checkpoint), self.args.dataloader_num_workers)
             where = self.train_dataset.position_summary()
-            print(
-                f"rank {self.accelerator.process_index}: the training stream resumes at {where}", flush=True
-            )
+            print_rank_line(f"rank {self.accelerator.process_index}: the training stream resumes at {where}")
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def get_resumed_dataloader(self, dataloader: DataLoader, num_batches: int) -> DataLoader:
@@ -325,6 +324,13 @@ class MagnetTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+def print_rank_line(text: str) -> None:
+    """Print ``text`` and its newline in one write: ranks share one unbuffered stream, where ``print``
+    writes the newline apart and another rank's line could run into this one (issue 14)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def shards_parameters(accelerator: Any) -> bool:
