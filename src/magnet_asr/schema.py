@@ -97,9 +97,6 @@ class ProjectorConfig:
     # learned compression by the CTC head: the LLM reads only the audio tokens where CTC emits a token
     # (blanks dropped, repeats merged), about the transcript's token rate; needs ctc_loss_weight > 0
     ctc_compression: bool = False
-    # spikes: the emitting audio tokens; segments: each also averages the blank tokens nearest to it
-    # (nothing dropped; models/projector.merge_ctc_spikes)
-    ctc_pooling: str = "spikes"
 
 
 @dataclass

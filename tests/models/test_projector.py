@@ -136,25 +136,6 @@ def test_merge_ctc_spikes_drops_blanks_and_averages_repeats_per_sample():
     torch.testing.assert_close(alone[0], merged[1, :1])
 
 
-def test_segment_pooling_keeps_every_audio_token_in_the_nearest_spike():
-    blank = 9
-    embeds = torch.arange(8 * 2, dtype=torch.float32).reshape(1, 8, 2)
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
-    labels = torch.tensor([[blank, 5, blank, blank, 7, 7, blank, 7]])  # the last 7 is padding
-    spikes, spikes_mask = merge_ctc_spikes(embeds, mask, labels, blank)
-    segments, segments_mask = merge_ctc_spikes(embeds, mask, labels, blank, pooling="segments")
-    assert segments_mask.tolist() == spikes_mask.tolist() == [[1, 1]]  # one token per emission either way
-    # frames 0-2 are nearer the 5 (frame 1), 3-6 nearer the 7s (frames 4-5); padding joins neither
-    torch.testing.assert_close(segments[0, 0], embeds[0, 0:3].mean(0))
-    torch.testing.assert_close(segments[0, 1], embeds[0, 3:7].mean(0))
-    torch.testing.assert_close(spikes[0, 1], embeds[0, 4:6].mean(0))
-    nothing = torch.full_like(labels, blank)  # no emission: the mean of the audio, as with spikes
-    alone, _ = merge_ctc_spikes(embeds, mask, nothing, blank, pooling="segments")
-    torch.testing.assert_close(alone[0, 0], embeds[0, :7].mean(0))
-    with pytest.raises(ValueError, match="CTC pooling 'mean'"):
-        merge_ctc_spikes(embeds, mask, labels, blank, pooling="mean")
-
-
 def test_ctc_head_parameters_shard_and_old_scalar_scale_loads():
     head = EmbeddingCTCHead(16)
     assert all(p.dim() >= 1 for p in head.parameters())  # FSDP2's fully_shard refuses 0-d parameters

@@ -17,7 +17,6 @@ from transformers import (
 )
 
 from magnet_asr.models.processing_speech_llm import AUDIO_TOKEN, ChatPrompt, prepare_tokenizer
-from magnet_asr.models.projector import merge_ctc_spikes
 from magnet_asr.models.speech_llm import ADAPTER_FOLDER, SpeechLLM, build_speech_llm, read_weights
 from tiny import TINY_LLAMA
 from tiny import TINY_WHISPER as TINY
@@ -506,18 +505,3 @@ def test_ctc_compression_passes_the_llm_one_token_per_emitted_label(sources):
     torch.testing.assert_close(out.ctc_loss, expected)
     with pytest.raises(ValueError, match="ctc_compression"):
         build(sources, ctc_compression=True)
-    # segment pooling: as many tokens, each averaging its spike's neighbourhood (every other token made a
-    # blank, since this random head emits everywhere)
-    head, blank = model.projector.ctc_head, table.shape[0]
-    best = head.best_path(audio.projected, table)
-    best[:, 1::2] = blank
-    head.best_path = lambda *args: best.clone()
-    spiky = model.embed_audio(feats, mask)
-    model.config.ctc_pooling = "segments"
-    segments = model.embed_audio(feats, mask)
-    expected, _ = merge_ctc_spikes(audio.projected, audio.projected_mask, best, blank, pooling="segments")
-    assert torch.equal(segments.counts, spiky.counts)
-    torch.testing.assert_close(segments.embeds, expected)
-    assert not torch.allclose(segments.embeds, spiky.embeds)
-    with pytest.raises(ValueError, match="ctc_pooling"):
-        build(sources, ctc_loss_weight=1.0, ctc_compression=True, ctc_pooling="mean")

@@ -37,7 +37,6 @@ __all__ = [
     "AudioProjector",
     "EmbeddingCTCHead",
     "embedding_rms",
-    "CTC_POOLINGS",
     "merge_ctc_spikes",
     "stack_frames",
     "stacked_lengths",
@@ -217,25 +216,15 @@ class EmbeddingCTCHead(nn.Module):
         return out
 
 
-CTC_POOLINGS = ("spikes", "segments")
-
-
 def merge_ctc_spikes(
-    embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, blank: int, pooling: str = "spikes"
+    embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, blank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One audio token per CTC emission. ``embeds (B, A, H)``, ``mask (B, A)``, best-path ``labels
-    (B, A)`` -> ``(B, G, H)`` and mask ``(B, G)``.
-
-    ``pooling``: ``spikes`` keeps the audio tokens where CTC emits a token, consecutive tokens with the
-    same label becoming one (their mean), as CTC collapses repeats; ``segments`` gives the same number
-    of tokens, each the mean of its spikes and of the blank tokens nearer to them than to any other
-    spike, so no audio token is dropped (a word CTC missed still reaches the LLM inside its neighbour;
-    Gaido et al. 2021 pool CTC segments for the same reason). A sample where CTC emits nothing keeps one
-    token, the mean of its audio (a clip with real frames always reaches the LLM); one with no frames
-    keeps none. Each sample is reduced on its own, so the result does not depend on the batch.
+    """Keep the audio tokens where CTC emits a token; consecutive tokens with the same label become one
+    (their mean), as CTC collapses repeats. ``embeds (B, A, H)``, ``mask (B, A)``, best-path ``labels
+    (B, A)`` -> ``(B, G, H)`` and mask ``(B, G)``. A sample where CTC emits nothing keeps one token, the
+    mean of its audio (a clip with real frames always reaches the LLM); one with no frames keeps none.
+    Each sample is reduced on its own, so the result does not depend on the batch.
     """
-    if pooling not in CTC_POOLINGS:
-        raise ValueError(f"CTC pooling '{pooling}' is not one of {', '.join(CTC_POOLINGS)}")
     rows: list[torch.Tensor] = []
     for sample, length, best in zip(embeds, mask.sum(1).tolist(), labels, strict=True):
         sample, best = sample[:length], best[:length]
@@ -248,14 +237,7 @@ def merge_ctc_spikes(
         starts[1:] = (spikes[1:] != spikes[:-1]) | (kept[1:] != kept[:-1] + 1)
         group = starts.long().cumsum(0) - 1
         groups = int(group[-1]) + 1
-        members = kept
-        if pooling == "segments":  # every token joins the nearest spike run (ties: the earlier one)
-            first = kept[starts]
-            last = kept[torch.cat([starts[1:], starts.new_ones(1)])]
-            midpoints = torch.div(last[:-1] + first[1:] + 1, 2, rounding_mode="floor")
-            members = torch.arange(length, device=sample.device)
-            group = torch.searchsorted(midpoints, members, right=True)
-        sums = sample.new_zeros(groups, sample.shape[1]).index_add(0, group, sample[members])
+        sums = sample.new_zeros(groups, sample.shape[1]).index_add(0, group, sample[kept])
         rows.append(sums / torch.bincount(group, minlength=groups)[:, None].to(sample.dtype))
     width = max(1, max(len(r) for r in rows))
     out = embeds.new_zeros(len(rows), width, embeds.shape[-1])

@@ -37,7 +37,7 @@ from magnet_asr.audio import FRAMES_PER_SECOND
 from magnet_asr.data.collator import IGNORE_INDEX
 from magnet_asr.models.encoder import MagnetEncoderOutput, MagnetWhisperEncoder
 from magnet_asr.models.processing_speech_llm import DEFAULT_INSTRUCTION, ChatPrompt
-from magnet_asr.models.projector import CTC_POOLINGS, AudioProjector, embedding_rms, merge_ctc_spikes
+from magnet_asr.models.projector import AudioProjector, embedding_rms, merge_ctc_spikes
 
 __all__ = [
     "AudioEmbeddings",
@@ -91,8 +91,6 @@ class SpeechLLMConfig(PretrainedConfig):
     ctc_compression: pass the LLM only the audio tokens where that head emits a token
         (:func:`~magnet_asr.models.projector.merge_ctc_spikes`): learned compression to about the
         transcript's token rate.
-    ctc_pooling: how those tokens are formed: ``spikes`` (the emitting tokens) or ``segments`` (each also
-        averages the blank tokens nearest to it).
     prompt: :meth:`ChatPrompt.to_dict` (the rendered template ids; training and inference share it).
     decoding: defaults of ``models/speech_llm_generation.DecodeSettings`` (``num_beams``, token caps,
         ``repetition_penalty``, ``loop_guard``...). A dict: transformers reserves those names at top level.
@@ -118,7 +116,6 @@ class SpeechLLMConfig(PretrainedConfig):
         boundary_loss_weight: float = 1.0,
         ctc_loss_weight: float = 0.0,
         ctc_compression: bool = False,
-        ctc_pooling: str = "spikes",
         prompt: dict[str, Any] | None = None,
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = None,
@@ -142,7 +139,6 @@ class SpeechLLMConfig(PretrainedConfig):
         self.boundary_loss_weight = float(boundary_loss_weight)
         self.ctc_loss_weight = float(ctc_loss_weight)
         self.ctc_compression = bool(ctc_compression)
-        self.ctc_pooling = ctc_pooling
         self.prompt = dict(prompt) if prompt else None
         self.instruction, self.system_prompt = instruction, system_prompt
         self.decoding = dict(decoding or {})
@@ -155,8 +151,6 @@ class SpeechLLMConfig(PretrainedConfig):
             raise ValueError(f"ctc_loss_weight must be >= 0, got {self.ctc_loss_weight}")
         if self.ctc_compression and self.ctc_loss_weight <= 0:
             raise ValueError("ctc_compression needs the CTC head: set ctc_loss_weight > 0")
-        if self.ctc_pooling not in CTC_POOLINGS:
-            raise ValueError(f"ctc_pooling: '{self.ctc_pooling}' is not one of {', '.join(CTC_POOLINGS)}")
         from magnet_asr.models.speech_llm_generation import DecodeSettings
 
         DecodeSettings.from_config(self)  # unknown or invalid decoding keys fail here, not at decode time
@@ -487,9 +481,7 @@ class SpeechLLM(PreTrainedModel):
         if self.config.ctc_compression and compress and head is not None:
             table = self._token_table()
             best = head.best_path(projected, table)
-            embeds, mask = merge_ctc_spikes(
-                projected, projected_mask, best, blank=table.shape[0], pooling=self.config.ctc_pooling
-            )
+            embeds, mask = merge_ctc_spikes(projected, projected_mask, best, blank=table.shape[0])
         batch, length = input_features.shape[0], input_features.shape[-1]
         mel_frames = (
             attention_mask.sum(1)
