@@ -180,3 +180,25 @@ def test_speech_llm_run_warms_up_the_projector_once(
     log = finish(start_training([*overrides, "training.max_steps=4", "training.resume_from_checkpoint=auto"]))
     assert "CTC warm-up" not in log
     assert (out_dir / "checkpoint-4").is_dir()
+
+
+def test_a_limited_split_takes_the_first_utterances_of_each_corpus_in_turn(tmp_path):
+    import json
+
+    from magnet_asr.training.recipe import _utterances
+
+    manifests = []
+    for name, count in (("a", 5), ("b", 2)):
+        rows = [
+            {"id": f"{name}{i}", "audio": f"{name}{i}.wav", "text": "x", "split": "test"}
+            for i in range(count)
+        ]
+        manifests.append(tmp_path / f"{name}.jsonl")
+        manifests[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def ids(specs, limit):
+        return [u.id for u in _utterances([str(m) for m in specs], "test", limit, None)]
+
+    assert ids(manifests[:1], 3) == ["a0", "a1", "a2"]  # what `eval --limit 3` scores
+    assert ids(manifests, 5) == ["a0", "b0", "a1", "b1", "a2"]
+    assert ids(manifests, None) == ["a0", "a1", "a2", "a3", "a4", "b0", "b1"]
