@@ -10,7 +10,7 @@ RESULTS = {"test": {"asterisk": {"wer": 0.0412, "cer": 0.02, "mean_compression":
 
 def test_a_speech_llm_card_names_both_base_models_by_hub_name():
     cfg = load_run_config(["+experiments=speech_llm_demo"])
-    assert base_models(cfg) == ["openai/whisper-tiny.en", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert base_models(cfg) == ["openai/whisper-base", "HuggingFaceTB/SmolLM2-135M-Instruct"]
     card = model_card(cfg, RESULTS, "magnet-asr train +experiments=speech_llm_demo", steps=600)
     assert card.startswith("---\nlibrary_name: magnet-asr\n")
     assert "- HuggingFaceTB/SmolLM2-135M-Instruct\n" in card and "SpeechLLM" in card
