@@ -25,7 +25,7 @@ DEMO_TRAIN_STEPS = 100
 DEMO_TRAIN_UTTERANCES = 400
 # what each trained row is, in the table
 DEMO_EXPERIMENTS = {
-    "magnet_demo": "learned phone boundaries at encoder layer 1, segments capped at 4 frames, distilled",
+    "magnet_demo": "learned phone boundaries at encoder layer 1, long segments split, distilled",
     "magnet_demo_control": "no compression, variable length, distilled",
 }
 
@@ -95,7 +95,7 @@ def run_demo(
         "fine-tuned on this CPU on variable-length input, distilled from the zero-shot whisper-tiny.en "
         "(encoder frames + next-token distributions), compressed (one predictor at encoder layer 1: one "
         "boundary per transcript phoneme, supervised by flite's phone times where the synth corpus has them, "
-        "segments over 4 frames split evenly) or not (the control, trained the same way); mean_compression = "
+        "segments over compressor.max_segment_frames split evenly) or not (the control, trained the same way); mean_compression = "
         "encoder frames before / after pooling. WER after Whisper's English normalization; RTFx = audio "
         "seconds / decoding seconds.\n"
     )

@@ -46,7 +46,7 @@ def test_phone_supervision_adds_the_phones_loss_and_the_collator_field():
     cfg = load_run_config(["+experiments=magnet_demo", "compressor.phone_supervision_weight=0.5"])
     settings = predictor_settings(cfg)
     assert settings["loss"] == ["binomial", "phones"] and settings["loss_weights"] == [1.0, 0.5]
-    assert settings["max_segment_frames"] == 4  # magnet_demo's cap; magnet_demo_5x has none
+    assert settings["max_segment_frames"] == 5  # magnet_demo's cap; magnet_demo_5x has none
     five = predictor_settings(load_run_config(["+experiments=magnet_demo_5x"]))
     assert five["max_segment_frames"] is None and "phones" in five["loss"]
     off = predictor_settings(
