@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass
+from itertools import chain, zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +33,6 @@ class DataSplits:
 def _utterances(
     specs: list[str], split: str, limit: int | None, librispeech_root: str | None
 ) -> list[Utterance]:
-    from itertools import chain, zip_longest
-
     from magnet_asr.data.corpora import resolve_data
 
     corpora = [read_manifest(resolve_data(spec, librispeech_root), split=split) for spec in specs]
