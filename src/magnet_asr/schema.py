@@ -97,6 +97,9 @@ class ProjectorConfig:
     # learned compression by the CTC head: the LLM reads only the audio tokens where CTC emits a token
     # (blanks dropped, repeats merged), about the transcript's token rate; needs ctc_loss_weight > 0
     ctc_compression: bool = False
+    # with ctc_compression: an audio token also reaches the LLM where the blank's probability is below
+    # this (a word CTC is unsure of), not only where the blank loses the argmax; null = argmax only
+    ctc_blank_threshold: float | None = None
 
 
 @dataclass

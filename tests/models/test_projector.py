@@ -120,6 +120,27 @@ def test_ctc_head_samples_negatives_but_keeps_every_target_class():
         EmbeddingCTCHead(8, negatives=-1)
 
 
+def test_blank_threshold_adds_the_tokens_where_the_blank_is_unsure():
+    torch.manual_seed(0)
+    table = torch.randn(6, 8)
+    head = EmbeddingCTCHead(8)
+    embeds = torch.randn(3, 10, 8)
+    probabilities = head.logits(embeds, table).softmax(-1)
+    argmax = head.best_path(embeds, table)
+    assert torch.equal(head.best_path(embeds, table, None), argmax)
+    blank = table.shape[0]
+    best_token = probabilities[..., :blank].argmax(-1)
+    for threshold in (0.3, 0.6, 0.9):
+        path = head.best_path(embeds, table, threshold)
+        emits = probabilities[..., blank] < threshold
+        assert torch.equal(path != blank, emits)
+        assert torch.equal(path[emits], best_token[emits])
+    # above 0.5 every argmax emission stays, with the same token
+    kept = argmax != blank
+    assert torch.equal(head.best_path(embeds, table, 0.6)[kept], argmax[kept])
+    assert (head.best_path(embeds, table, 1.0) != blank).all()
+
+
 def test_merge_ctc_spikes_drops_blanks_and_averages_repeats_per_sample():
     blank = 9
     embeds = torch.arange(2 * 6 * 2, dtype=torch.float32).reshape(2, 6, 2)

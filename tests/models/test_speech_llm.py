@@ -505,3 +505,19 @@ def test_ctc_compression_passes_the_llm_one_token_per_emitted_label(sources):
     torch.testing.assert_close(out.ctc_loss, expected)
     with pytest.raises(ValueError, match="ctc_compression"):
         build(sources, ctc_compression=True)
+
+
+def test_ctc_blank_threshold_passes_the_llm_more_tokens_and_is_checked(sources):
+    model = randomize(build(sources, ctc_loss_weight=1.0, ctc_compression=True))
+    feats, mask, _ = ragged()
+    argmax_counts = model.embed_audio(feats, mask).counts
+    model.config.ctc_blank_threshold = 1.0  # every audio token emits: nothing is dropped but repeats
+    audio = model.embed_audio(feats, mask)
+    table = model.llm.get_input_embeddings().weight
+    path = model.projector.ctc_head.best_path(audio.projected, table, 1.0)
+    for i, n in enumerate(audio.projected_mask.sum(1).tolist()):
+        row = path[i, :n]
+        assert audio.counts[i] == 1 + int((row[1:] != row[:-1]).sum())
+    assert (audio.counts >= argmax_counts).all()
+    with pytest.raises(ValueError, match="ctc_blank_threshold"):
+        build(sources, ctc_loss_weight=1.0, ctc_compression=True, ctc_blank_threshold=1.5)

@@ -11,7 +11,7 @@ import torch
 
 from cli_helpers import run_pipeline
 from magnet_asr.schema import load_run_config
-from magnet_asr.training.speech_llm import setup_speech_llm
+from magnet_asr.training.speech_llm import setup_speech_llm, speech_llm_settings
 
 
 def _tiny_models():
@@ -75,6 +75,9 @@ def test_demo_configs_compose_to_speech_llm_runs():
     assert ctc.projector.ctc_compression and ctc.projector.ctc_warmup_steps == 0
     assert ctc.distillation.enabled and ctc.distillation.teacher == ctc.training.init_from
     assert ctc.distillation.teacher == "runs/speech_llm_demo/final" and ctc.encoder.name == base.encoder.name
+    # it also passes the tokens where CTC's blank is unsure, and the model is built with that setting
+    assert speech_llm_settings(ctc)["ctc_blank_threshold"] == ctc.projector.ctc_blank_threshold == 0.85
+    assert base.projector.ctc_blank_threshold is None
 
 
 def test_setup_builds_the_configured_model(sources):

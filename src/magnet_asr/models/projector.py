@@ -200,9 +200,23 @@ class EmbeddingCTCHead(nn.Module):
         )
 
     @torch.no_grad()
-    def best_path(self, embeds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """The most likely class of each audio token over the whole table ``(B, A)``; blank = ``len(table)``."""
-        return self.logits(embeds, table).argmax(-1)
+    def best_path(
+        self, embeds: torch.Tensor, table: torch.Tensor, blank_threshold: float | None = None
+    ) -> torch.Tensor:
+        """The most likely class of each audio token over the whole table ``(B, A)``; blank = ``len(table)``.
+
+        ``blank_threshold``: an audio token emits its most likely *token* wherever the blank's probability
+        is below it, instead of only where the blank is not the argmax (None). Above 0.5 this keeps every
+        argmax emission plus the uncertain ones, where a word CTC would drop still shows."""
+        logits = self.logits(embeds, table)
+        if blank_threshold is None:
+            return logits.argmax(-1)
+        blank = logits.shape[-1] - 1
+        blank_probability = logits.float().softmax(-1)[..., blank]
+        best_token = logits[..., :blank].argmax(-1)
+        return torch.where(
+            blank_probability < blank_threshold, best_token, torch.full_like(best_token, blank)
+        )
 
     @torch.no_grad()
     def greedy(self, embeds: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> list[list[int]]:

@@ -91,6 +91,8 @@ class SpeechLLMConfig(PretrainedConfig):
     ctc_compression: pass the LLM only the audio tokens where that head emits a token
         (:func:`~magnet_asr.models.projector.merge_ctc_spikes`): learned compression to about the
         transcript's token rate.
+    ctc_blank_threshold: with ``ctc_compression``, an audio token also reaches the LLM where the blank's
+        probability is below this, not only where the blank loses the argmax (None: argmax only).
     prompt: :meth:`ChatPrompt.to_dict` (the rendered template ids; training and inference share it).
     decoding: defaults of ``models/speech_llm_generation.DecodeSettings`` (``num_beams``, token caps,
         ``repetition_penalty``, ``loop_guard``...). A dict: transformers reserves those names at top level.
@@ -116,6 +118,7 @@ class SpeechLLMConfig(PretrainedConfig):
         boundary_loss_weight: float = 1.0,
         ctc_loss_weight: float = 0.0,
         ctc_compression: bool = False,
+        ctc_blank_threshold: float | None = None,
         prompt: dict[str, Any] | None = None,
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = None,
@@ -139,6 +142,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.boundary_loss_weight = float(boundary_loss_weight)
         self.ctc_loss_weight = float(ctc_loss_weight)
         self.ctc_compression = bool(ctc_compression)
+        self.ctc_blank_threshold = None if ctc_blank_threshold is None else float(ctc_blank_threshold)
         self.prompt = dict(prompt) if prompt else None
         self.instruction, self.system_prompt = instruction, system_prompt
         self.decoding = dict(decoding or {})
@@ -151,6 +155,8 @@ class SpeechLLMConfig(PretrainedConfig):
             raise ValueError(f"ctc_loss_weight must be >= 0, got {self.ctc_loss_weight}")
         if self.ctc_compression and self.ctc_loss_weight <= 0:
             raise ValueError("ctc_compression needs the CTC head: set ctc_loss_weight > 0")
+        if self.ctc_blank_threshold is not None and not 0 < self.ctc_blank_threshold <= 1:
+            raise ValueError(f"ctc_blank_threshold must be in (0, 1], got {self.ctc_blank_threshold}")
         from magnet_asr.models.speech_llm_generation import DecodeSettings
 
         DecodeSettings.from_config(self)  # unknown or invalid decoding keys fail here, not at decode time
@@ -480,7 +486,7 @@ class SpeechLLM(PreTrainedModel):
         head = self.projector.ctc_head
         if self.config.ctc_compression and compress and head is not None:
             table = self._token_table()
-            best = head.best_path(projected, table)
+            best = head.best_path(projected, table, self.config.ctc_blank_threshold)
             embeds, mask = merge_ctc_spikes(projected, projected_mask, best, blank=table.shape[0])
         batch, length = input_features.shape[0], input_features.shape[-1]
         mel_frames = (

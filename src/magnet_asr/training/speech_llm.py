@@ -56,6 +56,7 @@ def speech_llm_settings(cfg: Any) -> dict[str, Any]:
         "projector_dropout": projector.dropout,
         "ctc_loss_weight": projector.ctc_loss_weight,
         "ctc_compression": projector.ctc_compression,
+        "ctc_blank_threshold": projector.ctc_blank_threshold,
         "encoder_cache_gb": projector.encoder_cache_gb,
         "instruction": llm.prompt,
         "system_prompt": llm.system_prompt,
