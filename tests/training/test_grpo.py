@@ -327,6 +327,7 @@ def test_demo_config_selects_grpo_from_the_supervised_checkpoint():
     supervised = load_run_config(["+experiments=magnet_demo"])
     assert list(cfg.compressor.layers) == list(supervised.compressor.layers)
     assert cfg.compressor.target == supervised.compressor.target
+    assert cfg.compressor.boundaries_per_unit == supervised.compressor.boundaries_per_unit
     cls, extra = trainer_class(cfg)
     assert cls is GRPOTrainer and extra["grpo"] == GRPOConfig.from_run_config(cfg)
     grpo = extra["grpo"]
