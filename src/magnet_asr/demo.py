@@ -95,9 +95,9 @@ def run_demo(
         "fine-tuned on this CPU on variable-length input, distilled from the zero-shot whisper-tiny.en "
         "(encoder frames + next-token distributions), compressed (one predictor at encoder layer 1: one "
         "boundary per transcript phoneme, supervised by flite's phone times where the synth corpus has them, "
-        "segments over compressor.max_segment_frames split evenly) or not (the control, trained the same way); mean_compression = "
-        "encoder frames before / after pooling. WER after Whisper's English normalization; RTFx = audio "
-        "seconds / decoding seconds.\n"
+        "segments over compressor.max_segment_frames split evenly) or not (the control, trained the same "
+        "way); mean_compression = encoder frames before / after pooling. WER after Whisper's English "
+        "normalization; RTFx = audio seconds / decoding seconds.\n"
     )
     json_path, md_path = write_report(rows, out, title="magnet-asr demo", notes=notes)
     print(markdown_table(rows))

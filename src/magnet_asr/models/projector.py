@@ -212,10 +212,11 @@ class EmbeddingCTCHead(nn.Module):
         if blank_threshold is None:
             return logits.argmax(-1)
         blank = logits.shape[-1] - 1
-        blank_probability = logits.float().softmax(-1)[..., blank]
+        # log P(blank) without materializing a softmax over the whole vocabulary
+        log_blank = logits[..., blank].float() - logits.float().logsumexp(-1)
         best_token = logits[..., :blank].argmax(-1)
         return torch.where(
-            blank_probability < blank_threshold, best_token, torch.full_like(best_token, blank)
+            log_blank < math.log(blank_threshold), best_token, torch.full_like(best_token, blank)
         )
 
     @torch.no_grad()

@@ -176,9 +176,9 @@ def initialize_from(model: torch.nn.Module, directory: str) -> dict[str, Any]:
 
     Every saved tensor must exist in ``model`` with the same number of elements (a different
     architecture is an error, not a silent partial load; the model's own load hooks reshape legacy
-    layouts, such as ``EmbeddingCTCHead``'s 0-d ``log_scale``); the model's tensors the directory lacks (e.g. a student's new
-    boundary predictors, or frozen parts a SpeechLLM does not save) keep their fresh values. Returns the
-    counts, for the run's log."""
+    layouts, such as ``EmbeddingCTCHead``'s 0-d ``log_scale``); the model's tensors the directory lacks
+    (e.g. a student's new boundary predictors, or frozen parts a SpeechLLM does not save) keep their
+    fresh values. Returns the counts, for the run's log."""
     from pathlib import Path
 
     from magnet_asr.models.speech_llm import read_weights
