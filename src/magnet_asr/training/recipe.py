@@ -102,6 +102,8 @@ def _setup_model(cfg: Any) -> ModelSetup:
 def _training_arguments(cfg: Any, output_dir: Path):
     from transformers import TrainingArguments
 
+    from magnet_asr.training.trainer import SELECTION_METRIC
+
     t = cfg.training
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -124,7 +126,7 @@ def _training_arguments(cfg: Any, output_dir: Path):
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        metric_for_best_model="wer",
+        metric_for_best_model=SELECTION_METRIC,
         greater_is_better=False,
         load_best_model_at_end=bool(t.eval_steps) and t.save_steps % max(t.eval_steps, 1) == 0,
         report_to=list(t.report_to),

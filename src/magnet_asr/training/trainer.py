@@ -11,7 +11,8 @@
   restored on resume (:mod:`magnet_asr.data.streaming`);
 - separate learning rates per parameter group (projector, predictors, the rest);
 - ``evaluate`` decodes the validation utterances and reports WER (gathered across ranks), so
-  ``metric_for_best_model="wer"`` selects checkpoints by what we care about.
+  ``metric_for_best_model=SELECTION_METRIC`` selects checkpoints by what we care about: that WER, once
+  the compression curriculum has reached its target.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ if TYPE_CHECKING:
     from magnet_asr.data.collator import SpeechDataset
 
 STAGING_PREFIX = ".tmp-checkpoint"
+# The validation WER of a model at its target compression, returned (not logged) by ``evaluate`` for
+# ``metric_for_best_model``: inf while a compression curriculum is still ramping up, so no checkpoint
+# evaluated below the run's compression is picked (issue 12: a fixed-rate control pooled 1.9x in
+# validation at step 100, was picked, and was then tested at its 3.3x).
+SELECTION_METRIC = "wer_at_target"
 
 
 class MagnetTrainer(Trainer):
@@ -322,6 +328,10 @@ class MagnetTrainer(Trainer):
             figures = self.evaluation_figures(model, self)
             metrics.update({f"{metric_key_prefix}_{key}": value for key, value in figures.items()})
         self.log(metrics)
+        at_target = curriculum_complete(model)
+        metrics[f"{metric_key_prefix}_{SELECTION_METRIC}"] = (
+            metrics[f"{metric_key_prefix}_wer"] if at_target else math.inf
+        )
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
@@ -367,6 +377,12 @@ def _skip_steps_when(optimizer: torch.optim.Optimizer, skip: Callable[[], bool])
 
     optimizer.step = types.MethodType(guarded, optimizer)  # type: ignore[method-assign]
     optimizer._magnet_skippable = True  # type: ignore[attr-defined]
+
+
+def curriculum_complete(model: torch.nn.Module) -> bool:
+    """True when every boundary predictor of ``model`` is at its final compression (no curriculum, or
+    one that has reached its target); the schedule callback sets ``curriculum_fraction`` each step."""
+    return all(getattr(p, "curriculum_fraction", 1.0) >= 1.0 for p in _predictors(model))
 
 
 def _predictors(model: torch.nn.Module) -> list[torch.nn.Module]:
