@@ -49,6 +49,7 @@ def test_phone_supervision_adds_the_phones_loss_and_the_collator_field():
     assert settings["max_segment_frames"] == 5  # magnet_demo's cap; magnet_demo_5x has none
     five = predictor_settings(load_run_config(["+experiments=magnet_demo_5x"]))
     assert five["max_segment_frames"] is None and "phones" in five["loss"]
+    assert five["pooling"] == "attention"  # measured better than the mean at one segment per phoneme
     off = predictor_settings(
         load_run_config(["+experiments=magnet_demo", "compressor.phone_supervision_weight=0"])
     )
