@@ -51,6 +51,21 @@ def test_resolve_name_uses_the_existing_build(magnet_home):
     assert len(read_manifest(resolve_data("synth"))) == 3
 
 
+def test_synth_size_spec_needs_a_number():
+    with pytest.raises(CorpusError, match="synth:many: synth:N takes the number of utterances"):
+        resolve_data("synth:many")
+
+
+@pytest.mark.skipif(not CAN_SYNTH, reason="needs fortunes and espeak-ng or flite")
+def test_synth_size_spec_builds_its_own_folder_once(magnet_home):
+    manifest = resolve_data("synth:3")
+    assert manifest == magnet_home / "data" / "synth-3" / "manifest.jsonl"
+    assert sorted(u.split for u in read_manifest(manifest)) == ["test", "train", "validation"]
+    stamp = manifest.stat().st_mtime_ns
+    assert resolve_data("synth:3") == manifest and manifest.stat().st_mtime_ns == stamp
+    assert not (magnet_home / "data" / "synth").exists()  # the default-size corpus is another folder
+
+
 @pytest.mark.skipif(not CAN_SYNTH, reason="needs fortunes and espeak-ng or flite")
 def test_force_rebuilds(tmp_path):
     first = build_corpus("synth", out_dir=tmp_path, num_utterances=3)

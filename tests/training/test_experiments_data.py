@@ -4,6 +4,7 @@ save_to_disk, parquet; copied or streamed), the others from stand-ins for the bu
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ from magnet_asr.schema import configs_dir, load_run_config
 from magnet_asr.training.recipe import _setup_data
 
 EXPERIMENTS = sorted(p.stem for p in (configs_dir() / "experiments").glob("*.yaml"))
+# `synth:N` corpora the configs name, each built in its own folder (data/synth-N)
+SYNTH_SIZES = sorted(
+    {int(n) for p in configs_dir().rglob("*.yaml") for n in re.findall(r"\bsynth:(\d+)", p.read_text())}
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +33,17 @@ def libri(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
-    """A private MAGNET_ASR_HOME whose synth and asterisk corpora are finished builds of three tone clips a split."""
+    """A private MAGNET_ASR_HOME whose synth (every size the configs name) and asterisk corpora are finished
+    builds of three tone clips a split."""
     import numpy as np
     import soundfile as sf
 
     home = tmp_path / "home"
     monkeypatch.setenv("MAGNET_ASR_HOME", str(home))
-    for corpus, version in (("synth", 2), ("asterisk", 1)):
-        folder = home / "data" / corpus
+    builds = [("synth", "synth", 2, {}), ("asterisk", "asterisk", 1, {})]
+    builds += [("synth", f"synth-{n}", 2, {"num_utterances": n}) for n in SYNTH_SIZES]
+    for corpus, folder_name, version, options in builds:
+        folder = home / "data" / folder_name
         (folder / "wav").mkdir(parents=True)
         rows = []
         for i, split in enumerate(["train"] * 3 + ["validation"] * 3 + ["test"] * 3):
@@ -51,7 +59,7 @@ def home(tmp_path, monkeypatch) -> Path:
                 }
             )
         (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        info = {"corpus": corpus, "options": {}, "manifest_version": version}
+        info = {"corpus": corpus, "options": options, "manifest_version": version}
         (folder / "build.json").write_text(json.dumps(info))
     return home
 
@@ -67,7 +75,8 @@ def test_experiment_builds_its_data(name, home, libri):
     cfg = load_run_config([f"+experiments={name}", f"data.librispeech_root={libri['folder']}"])
     data = _setup_data(cfg)
     per_corpus = 8 if _uses_librispeech(cfg) else 3
-    assert len(data.train) == min(per_corpus * len(cfg.data.train), cfg.data.max_train_utterances or 10**9)
+    listed = sum(cfg.data.train_repeats or [1] * len(cfg.data.train))
+    assert len(data.train) == min(per_corpus * listed, cfg.data.max_train_utterances or 10**9)
     assert data.validation and all(data.test.values()) and set(data.test) == set(cfg.data.test)
     assert all(Path(u.audio).is_file() for u in [*data.train, *data.validation])
 
@@ -97,3 +106,13 @@ def test_streaming_needs_max_steps(home, libri):
         _setup_data(load_run_config(["data.streaming=true", "training.max_steps=-1"]))
     with pytest.raises(ValueError, match="max_train_utterances"):
         _setup_data(load_run_config(["+experiments=mac_minimal", "data.streaming=true"]))
+
+
+def test_train_repeats_list_each_corpus_that_many_times(home):
+    cfg = load_run_config(["data.train=[synth,asterisk]", "data.train_repeats=[1,4]"])
+    ids = [u.id for u in _setup_data(cfg).train]
+    assert len(ids) == 3 + 4 * 3
+    assert sum(i.startswith("asterisk") for i in ids) == 12 and len(set(ids)) == 6
+    for bad in ("[1]", "[1,0]"):
+        with pytest.raises(ValueError, match="data.train_repeats"):
+            load_run_config(["data.train=[synth,asterisk]", f"data.train_repeats={bad}"])

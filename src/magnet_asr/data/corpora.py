@@ -8,6 +8,7 @@ Corpora (each builds ``<out_dir>/manifest.jsonl``, ``out_dir`` defaulting to ``d
 - ``manifest``: a user folder / tsv / jsonl (option ``source``), imported as is (:mod:`.folder`)
 
 ``librispeech:SPLIT`` / ``librispeech:PATH`` name one LibriSpeech split or a local copy (:mod:`.librispeech`).
+``synth:N`` names a synth corpus of ``N`` utterances, built once into ``data_dir()/synth-N``.
 """
 
 from __future__ import annotations
@@ -103,6 +104,20 @@ def build_corpus(name: str, /, out_dir: Path | None = None, force: bool = False,
     return builder(out_dir, **options)
 
 
+SYNTH_SIZE_PREFIX = "synth:"
+
+
+def resolve_synth_size(spec: str) -> Path:
+    """``synth:N``: the synth corpus of ``N`` utterances in ``data_dir()/synth-N``, built when missing.
+
+    Its sentences and voices are split by hash as in every synth build, so no size shares a test sentence or
+    voice with another size's training split."""
+    size = spec[len(SYNTH_SIZE_PREFIX) :]
+    if not size.isdigit():
+        raise CorpusError(f"{spec}: synth:N takes the number of utterances, e.g. synth:12000")
+    return build_corpus("synth", out_dir=data_dir() / f"synth-{int(size)}", num_utterances=int(size))
+
+
 def _complete_manifest(path: Path) -> bool:
     """True when every line of a jsonl file already has all manifest fields (then it is used as is)."""
     with path.open(encoding="utf-8") as f:
@@ -148,6 +163,7 @@ def resolve_data(spec: str | Path, librispeech_root: str | Path | None = None) -
       default options when missing (only LibriSpeech needs the network);
     - ``librispeech:SPLIT`` or ``librispeech:PATH`` (:mod:`.librispeech`): one LibriSpeech split, from
       ``librispeech_root`` (``data.librispeech_root``) or the hub, or a local LibriSpeech folder or dataset;
+    - ``synth:N``: a synth corpus of ``N`` utterances (:func:`resolve_synth_size`);
     - a folder holding ``manifest.jsonl`` (a built corpus), or a complete jsonl manifest: that manifest;
     - any other folder, ``.tsv`` or ``.jsonl`` list: imported (durations, splits) into
       ``data_dir()/imports/`` every time, so edits to the source are picked up.
@@ -159,6 +175,8 @@ def resolve_data(spec: str | Path, librispeech_root: str | Path | None = None) -
 
     if text.startswith(SPEC_PREFIX):
         return resolve_librispeech(text, librispeech_root)
+    if text.startswith(SYNTH_SIZE_PREFIX):
+        return resolve_synth_size(text)
     path = Path(text).expanduser()
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
         return path / MANIFEST_NAME
@@ -170,6 +188,6 @@ def resolve_data(spec: str | Path, librispeech_root: str | Path | None = None) -
         return import_source(path, _import_dir(path) / MANIFEST_NAME)
     names = ", ".join(n for n in BUILDERS if n != "manifest")
     raise CorpusError(
-        f"{spec}: neither a corpus ({names}), a librispeech:SPLIT or librispeech:PATH, nor an existing "
-        "folder, .tsv or .jsonl"
+        f"{spec}: neither a corpus ({names}), a librispeech:SPLIT or librispeech:PATH, a synth:N, nor an "
+        "existing folder, .tsv or .jsonl"
     )

@@ -31,11 +31,17 @@ class DataSplits:
 
 
 def _utterances(
-    specs: list[str], split: str, limit: int | None, librispeech_root: str | None
+    specs: list[str],
+    split: str,
+    limit: int | None,
+    librispeech_root: str | None,
+    repeats: list[int] | None = None,
 ) -> list[Utterance]:
     from magnet_asr.data.corpora import resolve_data
 
     corpora = [read_manifest(resolve_data(spec, librispeech_root), split=split) for spec in specs]
+    if repeats is not None:
+        corpora = [corpus * count for corpus, count in zip(corpora, repeats, strict=True)]
     if limit is None:
         return list(chain.from_iterable(corpora))
     # the first utterances of each corpus in turn, not of the first corpus only; one corpus gives its first
@@ -72,7 +78,8 @@ def _setup_data(cfg: Any) -> DataSplits:
     if data.streaming:
         train: list[Utterance] | StreamingSpeechDataset = _train_stream(cfg)
     else:
-        train = _utterances(list(data.train), "train", data.max_train_utterances, root)
+        repeats = None if data.train_repeats is None else list(data.train_repeats)
+        train = _utterances(list(data.train), "train", data.max_train_utterances, root, repeats)
         if not train:
             raise ValueError(f"data.train: no training utterances in {list(data.train)}")
     return DataSplits(
