@@ -158,9 +158,9 @@ class DataConfig:
     validation: list[str] = field(default_factory=lambda: ["asterisk"])
     test: list[str] = field(default_factory=lambda: ["asterisk", "synth"])
     max_seconds: float = 30.0
-    # how many times each `train` corpus is listed per epoch (one per corpus, in order; null: once each):
-    # a small corpus of real speech beside a large synthetic one keeps its share of the batches
-    train_repeats: list[int] | None = None
+    # how many times a `train` corpus is listed per epoch, by its spec (others: once), so that a small corpus
+    # of real speech keeps its share of the batches beside a large synthetic one: {asterisk: 5}
+    train_repeats: dict[str, int] = field(default_factory=dict)
     max_train_utterances: int | None = None
     max_eval_utterances: int | None = None
     num_workers: int = 0
@@ -176,14 +176,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.stream_buffer_size < 1:
             raise ValueError(f"data.stream_buffer_size must be >= 1, got {self.stream_buffer_size}")
-        if self.train_repeats is not None:
-            if len(self.train_repeats) != len(self.train) or min(self.train_repeats, default=1) < 1:
-                raise ValueError(
-                    f"data.train_repeats needs one count >= 1 per data.train corpus ({len(self.train)}), "
-                    f"got {list(self.train_repeats)}"
-                )
-            if self.streaming:
-                raise ValueError("data.train_repeats does not apply to a stream; set it to null")
+        bad = {spec: count for spec, count in self.train_repeats.items() if count < 1}
+        if bad:
+            raise ValueError(f"data.train_repeats: counts must be >= 1, got {bad}")
 
 
 @dataclass

@@ -75,7 +75,7 @@ def test_experiment_builds_its_data(name, home, libri):
     cfg = load_run_config([f"+experiments={name}", f"data.librispeech_root={libri['folder']}"])
     data = _setup_data(cfg)
     per_corpus = 8 if _uses_librispeech(cfg) else 3
-    listed = sum(cfg.data.train_repeats or [1] * len(cfg.data.train))
+    listed = sum(cfg.data.train_repeats.get(spec, 1) for spec in cfg.data.train)
     assert len(data.train) == min(per_corpus * listed, cfg.data.max_train_utterances or 10**9)
     assert data.validation and all(data.test.values()) and set(data.test) == set(cfg.data.test)
     assert all(Path(u.audio).is_file() for u in [*data.train, *data.validation])
@@ -108,11 +108,16 @@ def test_streaming_needs_max_steps(home, libri):
         _setup_data(load_run_config(["+experiments=mac_minimal", "data.streaming=true"]))
 
 
-def test_train_repeats_list_each_corpus_that_many_times(home):
-    cfg = load_run_config(["data.train=[synth,asterisk]", "data.train_repeats=[1,4]"])
+def test_train_repeats_list_a_corpus_that_many_times(home, caplog):
+    cfg = load_run_config(["data.train=[synth,asterisk]", "++data.train_repeats={asterisk:4}"])
     ids = [u.id for u in _setup_data(cfg).train]
     assert len(ids) == 3 + 4 * 3
     assert sum(i.startswith("asterisk") for i in ids) == 12 and len(set(ids)) == 6
-    for bad in ("[1]", "[1,0]"):
-        with pytest.raises(ValueError, match="data.train_repeats"):
-            load_run_config(["data.train=[synth,asterisk]", f"data.train_repeats={bad}"])
+    # a user's own data.train beside an experiment's repeats: they do not apply, and the log says so
+    cfg = load_run_config(["data.train=[synth]", "++data.train_repeats={asterisk:4}"])
+    assert len(_setup_data(cfg).train) == 3
+    assert "data.train_repeats: asterisk not in data.train, ignored" in caplog.text
+    with pytest.raises(ValueError, match="data.train_repeats: counts must be >= 1"):
+        load_run_config(["++data.train_repeats={asterisk:0}"])
+    with pytest.raises(ValueError, match="data.train_repeats does not apply to a stream"):
+        _setup_data(load_run_config(["data.streaming=true", "++data.train_repeats={asterisk:2}"]))

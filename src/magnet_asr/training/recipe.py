@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from itertools import chain, zip_longest
@@ -22,6 +23,8 @@ from magnet_asr.training.builders import ModelSetup, initialize_from
 if TYPE_CHECKING:
     from magnet_asr.data.streaming import StreamingSpeechDataset
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class DataSplits:
@@ -35,13 +38,15 @@ def _utterances(
     split: str,
     limit: int | None,
     librispeech_root: str | None,
-    repeats: list[int] | None = None,
+    repeats: dict[str, int] | None = None,
 ) -> list[Utterance]:
     from magnet_asr.data.corpora import resolve_data
 
-    corpora = [read_manifest(resolve_data(spec, librispeech_root), split=split) for spec in specs]
-    if repeats is not None:
-        corpora = [corpus * count for corpus, count in zip(corpora, repeats, strict=True)]
+    repeats = repeats or {}
+    corpora = [
+        read_manifest(resolve_data(spec, librispeech_root), split=split) * repeats.get(spec, 1)
+        for spec in specs
+    ]
     if limit is None:
         return list(chain.from_iterable(corpora))
     # the first utterances of each corpus in turn, not of the first corpus only; one corpus gives its first
@@ -62,6 +67,10 @@ def _train_stream(cfg: Any) -> StreamingSpeechDataset:
         raise ValueError(
             "data.max_train_utterances does not apply to a stream; set it to null (or data.streaming=false)"
         )
+    if any(count > 1 for count in data.train_repeats.values()):
+        raise ValueError(
+            "data.train_repeats does not apply to a stream; set its counts to 1 (or data.streaming=false)"
+        )
     return StreamingSpeechDataset(
         open_streams(list(data.train), "train", data.librispeech_root),
         batch_size=t.per_device_batch_size,
@@ -78,7 +87,10 @@ def _setup_data(cfg: Any) -> DataSplits:
     if data.streaming:
         train: list[Utterance] | StreamingSpeechDataset = _train_stream(cfg)
     else:
-        repeats = None if data.train_repeats is None else list(data.train_repeats)
+        repeats = dict(data.train_repeats)
+        unused = sorted(set(repeats) - set(data.train))
+        if unused:
+            logger.warning("data.train_repeats: %s not in data.train, ignored", ", ".join(unused))
         train = _utterances(list(data.train), "train", data.max_train_utterances, root, repeats)
         if not train:
             raise ValueError(f"data.train: no training utterances in {list(data.train)}")
