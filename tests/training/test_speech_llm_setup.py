@@ -70,11 +70,18 @@ def test_demo_configs_compose_to_speech_llm_runs():
     assert base.projector.ctc_warmup_steps == 3000 and base.encoder.name == "whisper-base"
     assert compressed.projector.ctc_warmup_steps == 1000 and compressed.encoder.name == "whisper-tiny.en"
     assert base.projector.ctc_loss_weight > 0 and compressed.projector.ctc_loss_weight > 0
+    # the base trains on 10,000 synthetic utterances with the real prompts listed 5 times; the compressed
+    # variant keeps the 2,000 it was measured with
+    assert list(base.data.train) == ["synth:12000", "asterisk"] and base.data.train_repeats == {"asterisk": 5}
+    assert list(compressed.data.train) == ["synth", "asterisk"] and compressed.data.train_repeats == {
+        "asterisk": 1
+    }
     # the CTC variant starts from the trained base run and distils from it: no warm-up of its own
     ctc = load_run_config(["+experiments=speech_llm_demo_ctc"])
     assert ctc.projector.ctc_compression and ctc.projector.ctc_warmup_steps == 0
     assert ctc.distillation.enabled and ctc.distillation.teacher == ctc.training.init_from
     assert ctc.distillation.teacher == "runs/speech_llm_demo/final" and ctc.encoder.name == base.encoder.name
+    assert ctc.data == base.data  # the student reads what its teacher read
     # it also passes the tokens where CTC's blank is unsure, and the model is built with that setting
     assert speech_llm_settings(ctc)["ctc_blank_threshold"] == ctc.projector.ctc_blank_threshold == 0.85
     assert base.projector.ctc_blank_threshold is None
