@@ -6,9 +6,10 @@ Systems, each decoding the same utterances greedily, one system after another in
   weights the trained models start from (30 s padded input, as transformers does).
 - ``faster-whisper int8`` / ``float32``: CTranslate2 with the same weights in their original format
   (the bundled faster-whisper directory; optional ``bench`` extra: ``pip install 'magnet-asr[bench]'``).
-- ``magnet control`` / ``magnet compressed`` / ``magnet fixed-rate`` / ``magnet compressed+grpo``: our
-  MagnetWhisper runs ``magnet_demo_control``, ``magnet_demo``, ``magnet_demo_fixed`` and
-  ``magnet_demo_grpo`` (variable-length input; the compressed ones pool at their predictor).
+- ``magnet control`` / ``magnet compressed`` / ``magnet fixed-rate`` / ``magnet compressed+grpo`` /
+  ``magnet 5x``: our MagnetWhisper runs ``magnet_demo_control``, ``magnet_demo``, ``magnet_demo_fixed``,
+  ``magnet_demo_grpo`` and ``magnet_demo_5x`` (variable-length input; the compressed ones pool at their
+  predictor).
 - ``speech-llm stack4`` / ``speech-llm learned`` / ``speech-llm ctc``: the SpeechLLM runs
   ``speech_llm_demo`` (stacking only), ``speech_llm_demo_compressed`` (boundary predictor) and
   ``speech_llm_demo_ctc`` (CTC compression); their goal is <= 6 audio tokens/s at no worse WER than
@@ -47,6 +48,7 @@ SYSTEMS: tuple[tuple[str, str, str | None], ...] = (
     ("magnet compressed", "ours", "magnet_demo"),
     ("magnet fixed-rate", "ours", "magnet_demo_fixed"),
     ("magnet compressed+grpo", "ours", "magnet_demo_grpo"),
+    ("magnet 5x", "ours", "magnet_demo_5x"),
     ("speech-llm stack4", "ours", "speech_llm_demo"),
     ("speech-llm learned", "ours", "speech_llm_demo_compressed"),
     ("speech-llm ctc", "ours", "speech_llm_demo_ctc"),

@@ -201,6 +201,10 @@ class TrainingConfig:
     eval_steps: int = 200
     save_steps: int = 200
     save_total_limit: int = 3
+    # final/ holds the mean weights of the last N checkpoints validated at the target compression instead
+    # of the one with the best validation WER (training.averaging, issue 12); 0 or 1: off. It needs
+    # save_steps a multiple of eval_steps and save_total_limit >= N + 1 (the best one is kept besides)
+    average_checkpoints: int = 0
     resume_from_checkpoint: str | None = None  # path, or `auto` for the newest complete checkpoint
     # a saved model directory (runs/NAME/final) whose tensors start this run, where the names and shapes
     # match (training.builders.initialize_from): a compressed student starts where its uncompressed teacher
@@ -224,6 +228,21 @@ class TrainingConfig:
     grpo_boundary_loss_weight: float = 0.0  # + predictors' supervised boundary loss (anchors eval rate)
     grpo_asr_loss_weight: float = 0.0  # also train on the sampled configurations' ASR loss (train_all)
     grpo_train_all: bool = False  # false: only the predictors train
+
+    def __post_init__(self) -> None:
+        count = self.average_checkpoints
+        if count < 0:
+            raise ValueError(f"training.average_checkpoints must be >= 0, got {count}")
+        if count > 1 and (not self.eval_steps or self.save_steps % self.eval_steps):
+            raise ValueError(
+                "training.average_checkpoints needs a validation at every checkpoint: training.save_steps "
+                f"({self.save_steps}) a multiple of training.eval_steps ({self.eval_steps})"
+            )
+        if count > 1 and 0 < self.save_total_limit <= count:
+            raise ValueError(
+                f"training.average_checkpoints={count} needs training.save_total_limit >= {count + 1} "
+                f"(the best checkpoint is kept besides the newest), got {self.save_total_limit}"
+            )
 
 
 @dataclass

@@ -95,5 +95,7 @@ def test_checkpoints_evaluated_during_the_curriculum_are_never_picked(tmp_path):
     trainer.train()
     wers = [(e["step"], e["eval_wer"]) for e in trainer.state.log_history if "eval_wer" in e]
     assert wers == [(2, 0.0), (4, 0.25), (6, 0.5)]  # plain WER would pick step 2
+    # logged for checkpoint averaging, which reads log_history
+    assert [e["eval_at_target"] for e in trainer.state.log_history if "eval_wer" in e] == [0.0, 1.0, 1.0]
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
     assert trainer.state.best_metric == 0.25

@@ -16,6 +16,13 @@ def test_a_speech_llm_card_names_both_base_models_by_hub_name():
     assert "- HuggingFaceTB/SmolLM2-135M-Instruct\n" in card and "SpeechLLM" in card
     assert "| asterisk test | 0.0412 | 0.0200 | 3.0100 | 47 |" in card
     assert "- Steps: 600 " in card and "`magnet-asr train +experiments=speech_llm_demo`" in card
+    assert "mean of the checkpoints" not in card
+
+
+def test_a_card_says_when_its_weights_are_a_checkpoint_average():
+    cfg = load_run_config(["+experiments=magnet_demo_5x"])
+    card = model_card(cfg, {**RESULTS, "averaged_checkpoints": [300, 400, 500]}, None, steps=500)
+    assert "weights: the mean of the checkpoints at steps 300, 400, 500\n" in card
 
 
 def test_a_card_never_shows_where_files_lay():

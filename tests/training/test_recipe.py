@@ -41,18 +41,24 @@ def test_train_end_to_end_skips_bad_samples(
             "compressor": "phoneme",
             "compressor.loss_weight": 1.0,
             "compressor.phone_supervision_weight": 1.0,
-            "training.eval_steps": 3,
+            "training.eval_steps": 2,
+            "training.average_checkpoints": 2,
         },
     )
     log = finish(start_training(overrides))
     results = json.loads((out_dir / "results.json").read_text())
+    # final/ is the mean of the last two checkpoints
+    assert results["averaged_checkpoints"] == [4, 6] and "the checkpoints at steps [4, 6]" in log
+    four, six = (load_file(out_dir / name / "model.safetensors") for name in ("checkpoint-4", "checkpoint-6"))
+    for name, tensor in final_weights(out_dir).items():
+        torch.testing.assert_close(tensor, (four[name] + six[name]) / 2, msg=name)
     assert results["train_skipped_samples"] >= 1  # the corrupt file, every time it is drawn
     figures = results["train_figures"]  # what scripts/gpu_check.sh prints
     assert figures["train_steps_per_second"] > 0 and figures["peak_memory_gb"] is None  # no GPU here
     test = results["test"][str(speech_manifest)]
     assert test["num_utterances"] == 2 and test["mean_compression"] > 1.0
-    # the validation curve: one entry per evaluation (steps 3 and 6)
-    assert [e["step"] for e in results["evaluations"]] == [3, 6]
+    # the validation curve: one entry per evaluation
+    assert [e["step"] for e in results["evaluations"]] == [2, 4, 6]
     assert all(e["eval_wer"] >= 0 for e in results["evaluations"])
     assert sorted(p.name for p in out_dir.glob("checkpoint-*")) == [
         "checkpoint-2",

@@ -83,7 +83,12 @@ def model_card(cfg: Any, results: dict[str, Any], command: str | None, steps: in
         f"- Distillation: {'from `' + _name(cfg.distillation.teacher or cfg.encoder.name) + '`' if cfg.distillation.enabled else 'none'}",
         f"- Training data: {', '.join(f'`{_name(d)}`' for d in cfg.data.train)} (train splits)",
         f"- Steps: {steps} (batch {cfg.training.per_device_batch_size} per device, learning rate "
-        f"{cfg.training.learning_rate:g})",
+        f"{cfg.training.learning_rate:g})"
+        + (
+            f"; weights: the mean of the checkpoints at steps {', '.join(map(str, results['averaged_checkpoints']))}"
+            if results.get("averaged_checkpoints")
+            else ""
+        ),
         f"- Trained with: `{portable_command(command)}`"
         if command
         else "- Trained from the config saved beside this directory (`../config.yaml`)",

@@ -205,6 +205,22 @@ def _resume_path(cfg: Any, output_dir: Path) -> str | bool | None:
     return str(value)
 
 
+def _average_checkpoints(cfg: Any, trainer: Any, output_dir: Path) -> list[int] | None:
+    """With ``training.average_checkpoints`` > 1, the trainer's model takes the mean weights of the last
+    checkpoints (every rank reads them); returns their steps."""
+    from magnet_asr.training.averaging import checkpoints_to_average, load_average
+
+    if cfg.training.average_checkpoints < 2:
+        return None
+    checkpoints = checkpoints_to_average(
+        output_dir, trainer.state.log_history, cfg.training.average_checkpoints
+    )
+    steps = load_average(trainer.accelerator.unwrap_model(trainer.model), checkpoints)
+    if trainer.is_world_process_zero():
+        print(f"final/: the mean weights of the checkpoints at steps {steps}")
+    return steps
+
+
 def logging_environment(report_to: list[str], output_dir: Path) -> None:
     """Environment the Trainer's loggers read; call before the Trainer exists.
 
@@ -247,6 +263,10 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
         )
     trainer = _setup_trainer(cfg, setup, data, output_dir)
     prepare_sharding(trainer, setup.model)  # FSDP: the auto-wrap classes of this model
+    if cfg.training.average_checkpoints > 1 and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise ValueError(
+            "training.average_checkpoints: not under FSDP or DeepSpeed (their checkpoints are sharded)"
+        )
     world = trainer.accelerator.num_processes
     effective = cfg.training.per_device_batch_size * cfg.training.gradient_accumulation_steps * world
     if trainer.is_world_process_zero():
@@ -259,6 +279,7 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     if setup.distiller is not None and cfg.distillation.prefill:
         setup.distiller.prepare(data.train, setup.collator, trainer.accelerator, cfg.data.max_seconds)
     trainer.train(resume_from_checkpoint=resume)
+    averaged = _average_checkpoints(cfg, trainer, output_dir)
     final_dir = output_dir / "final"
     save_final(trainer, final_dir)  # under FSDP, the full state dict gathered on rank 0
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
@@ -274,6 +295,8 @@ def train(cfg: Any, command: str | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"run_name": cfg.run_name, "model_dir": str(final_dir), "test": {}}
     if prepared:
         results["before_training"] = prepared
+    if averaged:
+        results["averaged_checkpoints"] = averaged
     recognizer = setup.make_recognizer(trained_model(trainer, final_dir))
     batch_size = cfg.training.per_device_batch_size
     for spec, utterances in data.test.items():

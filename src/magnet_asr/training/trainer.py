@@ -45,6 +45,7 @@ STAGING_PREFIX = ".tmp-checkpoint"
 # evaluated below the run's compression is picked (issue 12: a fixed-rate control pooled 1.9x in
 # validation at step 100, was picked, and was then tested at its 3.3x).
 SELECTION_METRIC = "wer_at_target"
+AT_TARGET = "at_target"  # 1.0 when the model was evaluated at its target compression, else 0.0
 
 
 class MagnetTrainer(Trainer):
@@ -327,8 +328,10 @@ class MagnetTrainer(Trainer):
         if self.evaluation_figures is not None:  # every rank computes its share (it may gather)
             figures = self.evaluation_figures(model, self)
             metrics.update({f"{metric_key_prefix}_{key}": value for key, value in figures.items()})
-        self.log(metrics)
         at_target = curriculum_complete(model)
+        # logged, so log_history (kept across resume) tells which checkpoints are at the target (averaging)
+        metrics[f"{metric_key_prefix}_{AT_TARGET}"] = float(at_target)
+        self.log(metrics)
         metrics[f"{metric_key_prefix}_{SELECTION_METRIC}"] = (
             metrics[f"{metric_key_prefix}_wer"] if at_target else math.inf
         )
