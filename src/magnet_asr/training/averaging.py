@@ -9,7 +9,6 @@ curriculum's early steps are never mixed in.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +22,26 @@ __all__ = ["average_weights", "checkpoints_to_average", "load_average"]
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _step(path: Path) -> int | None:
-    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
-    return int(match.group(1)) if match else None
-
-
-def checkpoints_to_average(output_dir: Path, log_history: list[dict[str, Any]], count: int) -> list[Path]:
-    """The ``count`` newest ``checkpoint-N`` folders of ``output_dir`` validated at the target compression.
+def checkpoints_to_average(
+    output_dir: Path, log_history: list[dict[str, Any]], count: int
+) -> dict[int, Path]:
+    """The ``count`` newest ``checkpoint-N`` folders of ``output_dir`` validated at the target compression,
+    by step, oldest first.
 
     A checkpoint qualifies when ``log_history`` has an evaluation at its step that was at the target
-    compression (``eval_at_target``: 0 while a compression curriculum ramps up). Oldest first; fewer
-    than ``count`` when fewer qualify, and an error when none does.
+    compression (``eval_at_target``: 0 while a compression curriculum ramps up). Fewer than ``count``
+    when fewer qualify, and an error when none does.
     """
-    at_target = {int(entry["step"]) for entry in log_history if entry.get(f"eval_{AT_TARGET}") == 1.0}
-    found = sorted(
-        (step, path)
-        for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-        if path.is_dir() and (step := _step(path)) is not None and step in at_target
-    )
+    at_target = sorted({int(e["step"]) for e in log_history if e.get(f"eval_{AT_TARGET}") == 1.0})
+    found = {
+        step: path for step in at_target if (path := output_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}").is_dir()
+    }
     if not found:
         raise ValueError(
             f"training.average_checkpoints: no checkpoint in {output_dir} was validated at the target "
             "compression (is training.save_steps a multiple of training.eval_steps?)"
         )
-    return [path for _, path in found[-count:]]
+    return dict(list(found.items())[-count:])
 
 
 def average_weights(checkpoints: list[Path]) -> dict[str, torch.Tensor]:
@@ -77,8 +72,8 @@ def average_weights(checkpoints: list[Path]) -> dict[str, torch.Tensor]:
     }
 
 
-def load_average(model: torch.nn.Module, checkpoints: list[Path]) -> list[int]:
-    """Load the mean weights of ``checkpoints`` into ``model``; returns their steps.
+def load_average(model: torch.nn.Module, checkpoints: list[Path]) -> None:
+    """Load the mean weights of ``checkpoints`` into ``model``.
 
     The files leave out tied tensors (a decoder's output projection shares its token embedding), so keys
     may be missing; a key the model does not have is an error: the checkpoints belong to another model.
@@ -90,4 +85,3 @@ def load_average(model: torch.nn.Module, checkpoints: list[Path]) -> list[int]:
             f"training.average_checkpoints: {checkpoints[-1]} holds tensors this model lacks: "
             f"{result.unexpected_keys[:5]}"
         )
-    return [int(_step(path) or 0) for path in checkpoints]

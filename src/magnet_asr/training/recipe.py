@@ -215,7 +215,8 @@ def _average_checkpoints(cfg: Any, trainer: Any, output_dir: Path) -> list[int] 
     checkpoints = checkpoints_to_average(
         output_dir, trainer.state.log_history, cfg.training.average_checkpoints
     )
-    steps = load_average(trainer.accelerator.unwrap_model(trainer.model), checkpoints)
+    load_average(trainer.accelerator.unwrap_model(trainer.model), list(checkpoints.values()))
+    steps = list(checkpoints)
     if trainer.is_world_process_zero():
         print(f"final/: the mean weights of the checkpoints at steps {steps}")
     return steps
