@@ -105,6 +105,27 @@ def test_long_form_windows_cut_in_the_pauses():
     assert len(windows) == 3
 
 
+def test_pause_windows_cut_every_pause_and_join_short_pieces():
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.normal(size=int(10.4 * A.SAMPLE_RATE))).astype(np.float32)
+    # leading silence (never a cut), a 0.5 s pause, one too short (0.2 s), 0.4 s, and 0.3 s before a
+    # 0.5 s piece, which joins the one before it
+    for start, length in [(0.0, 0.5), (2.0, 0.5), (5.0, 0.2), (7.0, 0.4), (9.6, 0.3)]:
+        audio[int(start * A.SAMPLE_RATE) : int((start + length) * A.SAMPLE_RATE)] = 0.0
+    frame = A.SAMPLES_PER_ENCODER_FRAME
+    # cuts in the middle of the pauses: frames 100-124 -> 112, frames 350-369 -> 360
+    assert A.pause_windows(audio, 6.0) == [
+        (0, 112 * frame),
+        (112 * frame, 360 * frame),
+        (360 * frame, len(audio)),
+    ]
+    shorter = A.pause_windows(audio, 4.0)  # the 4.96 s piece is cut once more, where long_form_windows cuts
+    assert shorter[0] == (0, 112 * frame) and shorter[-1] == (360 * frame, len(audio)) and len(shorter) == 4
+    assert all(a[1] == b[0] for a, b in zip(shorter, shorter[1:]))
+    assert all(end - start <= 4.0 * A.SAMPLE_RATE for start, end in shorter)
+    assert A.pause_windows(audio, 10.4) == [(0, len(audio))]  # a clip that fits is read whole
+
+
 def test_long_form_windows_of_short_and_pauseless_clips():
     assert A.long_form_windows(np.ones(A.N_SAMPLES, np.float32)) == [(0, A.N_SAMPLES)]
     no_pause = _speech_with_pauses(61.0, pauses=[])

@@ -30,6 +30,12 @@ MIN_SECONDS = N_FFT / SAMPLE_RATE
 SAMPLES_PER_ENCODER_FRAME = HOP_LENGTH * ENCODER_STRIDE  # 320 samples, 20 ms
 # A long clip's window may end up to this much before its 30 s limit, at the quietest encoder frame there.
 LONG_FORM_SEARCH_SECONDS = 5.0
+# pause_windows: a pause is a run of encoder frames this far below the clip's loud frames (its 95th
+# percentile frame energy), at least PAUSE_SECONDS long; a piece shorter than MIN_PIECE_SECONDS joins the one
+# before it (a lone word read without context)
+PAUSE_DROP_DB = 30.0
+PAUSE_SECONDS = 0.3
+MIN_PIECE_SECONDS = 1.0
 
 
 class AudioError(ValueError):
@@ -193,6 +199,44 @@ def long_form_windows(
         start = cut
     windows.append((start, total))
     return windows
+
+
+def pause_windows(audio: np.ndarray, max_seconds: float) -> list[tuple[int, int]]:
+    """``(start, end)`` sample ranges that cover ``audio`` in order: one per stretch of speech between pauses.
+
+    A clip no longer than ``max_seconds`` is one window. A longer one is cut in the middle of every pause
+    (:data:`PAUSE_SECONDS` of encoder frames at least :data:`PAUSE_DROP_DB` below the clip's loud frames);
+    a piece shorter than :data:`MIN_PIECE_SECONDS` joins the one before it, and a piece still longer than
+    ``max_seconds`` is cut by :func:`long_form_windows`. For a model trained on single utterances, which
+    reads a window of several sentences worse than each alone (issue 15). Cuts lie on the encoder-frame
+    grid and the windows do not overlap.
+    """
+    step = SAMPLES_PER_ENCODER_FRAME
+    frames = len(audio) // step
+    if len(audio) <= max_seconds * SAMPLE_RATE or frames < 2:
+        return [(0, len(audio))]
+    energy = (np.asarray(audio[: frames * step], dtype=np.float64).reshape(frames, step) ** 2).mean(axis=1)
+    level = 10 * np.log10(energy + 1e-12)
+    quiet = np.concatenate([[False], level < np.percentile(level, 95) - PAUSE_DROP_DB, [False]])
+    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))  # alternating starts and ends of quiet runs
+    min_pause = PAUSE_SECONDS * ENCODER_FRAMES_PER_SECOND
+    cuts = [
+        (first + last) // 2 * step
+        for first, last in zip(edges[::2], edges[1::2])
+        if last - first >= min_pause and first > 0 and last < frames
+    ]
+    pieces: list[tuple[int, int]] = []
+    shortest = MIN_PIECE_SECONDS * SAMPLE_RATE
+    for start, end in zip([0, *cuts], [*cuts, len(audio)]):
+        if pieces and min(end - start, pieces[-1][1] - pieces[-1][0]) < shortest:
+            pieces[-1] = (pieces[-1][0], end)
+        else:
+            pieces.append((start, end))
+    return [
+        (start + first, start + last)
+        for start, end in pieces
+        for first, last in long_form_windows(audio[start:end], max_seconds)
+    ]
 
 
 @lru_cache(maxsize=4)

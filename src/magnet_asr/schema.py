@@ -119,6 +119,9 @@ class LLMConfig:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     loop_guard: bool = True  # stop and trim repetition loops
+    # transcribe clips longer than this in windows cut at pauses (null: the encoder's 30 s); see
+    # models/speech_llm_generation.DecodeSettings
+    max_window_seconds: float | None = None
 
 
 @dataclass

@@ -458,6 +458,36 @@ def test_collator_and_recognizer(sources):
     assert alone.text == results[2].text
 
 
+def test_recognizer_window_comes_from_the_decoding_settings(sources, monkeypatch):
+    import numpy as np
+
+    from magnet_asr.evaluation import decode
+    from magnet_asr.evaluation.decode import SpeechLLMRecognizer, pause_windows, transcribe_long
+
+    tokenizer = prepare_tokenizer(tiny_tokenizer())
+    model = build(sources, decoding={"max_window_seconds": 0.3})
+    encoder_seconds = SpeechLLMRecognizer(build(sources), tokenizer).max_seconds
+    assert encoder_seconds == pytest.approx(0.8)  # 40 positions of the tiny encoder at 50 frames/s
+    recognizer = SpeechLLMRecognizer(model, tokenizer)
+    assert recognizer.max_seconds == pytest.approx(0.3) and recognizer.split_at_pauses
+    assert SpeechLLMRecognizer(model, tokenizer, max_window_seconds=2.0).max_seconds == encoder_seconds
+    clip = np.random.default_rng(0).normal(0, 0.1, 11000).astype(np.float32)  # 0.69 s: three windows
+    windows = pause_windows(clip, 0.3)
+    assert len(windows) == 3
+    calls: list[float] = []
+    monkeypatch.setattr(decode, "pause_windows", lambda *args: calls.append(args[1]) or windows)
+    got = transcribe_long(recognizer, [clip])[0]
+    assert calls == [pytest.approx(0.3)]  # cut where the pauses are
+    parts = recognizer.transcribe([clip[start:end] for start, end in windows])
+    assert got.text == " ".join(p.text for p in parts if p.text)
+    assert got.compressed_frames == sum(p.compressed_frames for p in parts)
+    plain = SpeechLLMRecognizer(build(sources), tokenizer)
+    assert not plain.split_at_pauses
+    assert transcribe_long(plain, [clip]) == plain.transcribe([clip])  # within the encoder's 0.8 s: whole
+    with pytest.raises(ValueError, match="max_window_seconds"):
+        build(sources, decoding={"max_window_seconds": 0})
+
+
 def test_ctc_loss_is_added_with_its_weight_and_trains_only_the_projector(sources, tmp_path):
     model = randomize(build(sources, ctc_loss_weight=0.5)).train()
     feats, mask, _ = ragged()

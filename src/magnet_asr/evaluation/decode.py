@@ -32,7 +32,9 @@ from magnet_asr.audio import (
     long_form_windows,
     num_encoder_frames,
     num_frames,
+    pause_windows,
 )
+from magnet_asr.models.speech_llm_generation import DecodeSettings
 from magnet_asr.models.whisper_generation import GREEDY, DecodingOptions, decode, language_and_task
 from magnet_asr.text import MAX_NEW_TOKENS_FLOOR, MAX_NEW_TOKENS_PER_SECOND
 
@@ -69,6 +71,10 @@ class Transcription:
 
 
 class Recognizer(Protocol):
+    """``max_seconds``: the longest clip read whole. A recognizer may also set ``split_at_pauses = True``:
+    :func:`transcribe_long` then cuts longer clips at every pause (:func:`magnet_asr.audio.pause_windows`)
+    instead of into windows as long as possible."""
+
     name: str
     max_seconds: float
 
@@ -292,15 +298,15 @@ def transcribe_long(recognizer: Recognizer, waveforms: Sequence[np.ndarray]) -> 
     """``recognizer.transcribe`` for clips of any length, every model family.
 
     A clip longer than ``recognizer.max_seconds`` is cut into windows where it is quietest
-    (:func:`magnet_asr.audio.long_form_windows`: no overlap, cuts on the encoder-frame grid); the windows of a
+    (:func:`magnet_asr.audio.long_form_windows`: no overlap, cuts on the encoder-frame grid), or at its
+    pauses for a recognizer with ``split_at_pauses`` (:func:`magnet_asr.audio.pause_windows`); the windows of a
     batch are decoded in batches of the same size, and each clip's transcript is its windows' texts joined
     by a space, its frames summed, its boundary frames shifted to the clip's own frame grid, and
     ``hit_token_cap`` set if any window hit it.
     """
+    cut = pause_windows if getattr(recognizer, "split_at_pauses", False) else long_form_windows
     windows = [
-        (i, start, end)
-        for i, w in enumerate(waveforms)
-        for start, end in long_form_windows(w, recognizer.max_seconds)
+        (i, start, end) for i, w in enumerate(waveforms) for start, end in cut(w, recognizer.max_seconds)
     ]
     if len(windows) == len(waveforms):
         return list(recognizer.transcribe(waveforms))
@@ -342,7 +348,9 @@ class SpeechLLMRecognizer:
     """A :class:`~magnet_asr.evaluation.decode.Recognizer` for SpeechLLM checkpoints.
 
     ``compressed_frames`` is the number of audio tokens the LLM reads, so ``mean_compression`` is
-    encoder frames (50/s) per audio token.
+    encoder frames (50/s) per audio token. ``max_seconds`` is the encoder's limit, or the model's
+    ``decoding["max_window_seconds"]`` where that is shorter; with that setting, longer clips are cut at
+    their pauses (``split_at_pauses``).
     """
 
     def __init__(
@@ -358,11 +366,14 @@ class SpeechLLMRecognizer:
         encoder_config = model.encoder.config
         self.n_mels = int(encoder_config.num_mel_bins)
         learned = getattr(encoder_config, "position_encoding", "learned") == "learned"
-        self.max_seconds = (
+        encoder_seconds = (
             encoder_config.max_source_positions / ENCODER_FRAMES_PER_SECOND
             if learned
             else float(CHUNK_LENGTH)
         )
+        window = DecodeSettings.from_config(model.config, **decode).max_window_seconds
+        self.max_seconds = encoder_seconds if window is None else min(encoder_seconds, window)
+        self.split_at_pauses = window is not None
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu") -> SpeechLLMRecognizer:

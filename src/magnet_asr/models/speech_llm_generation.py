@@ -37,7 +37,13 @@ __all__ = [
 
 @dataclass
 class DecodeSettings:
-    """Decoding knobs; defaults come from the model config (:meth:`from_config`)."""
+    """Decoding knobs; defaults come from the model config (:meth:`from_config`).
+
+    ``max_window_seconds``: a clip longer than this is transcribed piece by piece, cut at its pauses
+    (:func:`magnet_asr.audio.pause_windows`, no piece longer than this), the pieces' texts joined; None:
+    clips up to the encoder's limit (30 s) are read whole. An LLM fine-tuned on single utterances skips,
+    repeats or stops early on a long clip of several (issue 15).
+    """
 
     num_beams: int = 1
     max_new_tokens_per_second: float = MAX_NEW_TOKENS_PER_SECOND
@@ -46,10 +52,13 @@ class DecodeSettings:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     loop_guard: bool = True
+    max_window_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_beams < 1 or self.max_new_tokens_floor < 1 or self.max_new_tokens_per_second < 0:
             raise ValueError(f"invalid decoding settings: {self}")
+        if self.max_window_seconds is not None and self.max_window_seconds <= 0:
+            raise ValueError(f"max_window_seconds must be > 0, got {self.max_window_seconds}")
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> DecodeSettings:

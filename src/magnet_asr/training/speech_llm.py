@@ -37,6 +37,7 @@ def _decoding(cfg: Any) -> dict[str, Any]:
         "repetition_penalty": llm.repetition_penalty,
         "no_repeat_ngram_size": llm.no_repeat_ngram_size,
         "loop_guard": llm.loop_guard,
+        "max_window_seconds": llm.max_window_seconds,
     }
 
 
