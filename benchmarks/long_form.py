@@ -5,7 +5,8 @@ should read long audio. This builds long clips from the validation splits instea
 utterances joined with 0.4 s of silence into clips of 12-30 s (lengths drawn with a fixed seed), whose
 reference is the utterances' texts joined. Then it scores, on the same audio:
 
-- ``one by one``: the utterances the long clips are made of, each read alone (the bound to reach);
+- ``one by one``: the utterances the long clips are made of, each read alone, as the model is configured
+  (the bound to reach);
 - ``whole``: each clip read whole up to 30 s (the encoder's window);
 - ``windows W``: clips longer than W s in windows of at most W s, each ending where it is quietest
   (:func:`magnet_asr.audio.long_form_windows`);
