@@ -31,8 +31,8 @@ SAMPLES_PER_ENCODER_FRAME = HOP_LENGTH * ENCODER_STRIDE  # 320 samples, 20 ms
 # A long clip's window may end up to this much before its 30 s limit, at the quietest encoder frame there.
 LONG_FORM_SEARCH_SECONDS = 5.0
 # pause_windows: a pause is a run of encoder frames this far below the clip's loud frames (its 95th
-# percentile frame energy), at least PAUSE_SECONDS long; a piece shorter than MIN_PIECE_SECONDS joins the one
-# before it (a lone word read without context)
+# percentile frame energy), at least PAUSE_SECONDS long; a piece shorter than MIN_PIECE_SECONDS is joined
+# to a neighbour (a lone word read without context)
 PAUSE_DROP_DB = 30.0
 PAUSE_SECONDS = 0.3
 MIN_PIECE_SECONDS = 1.0
@@ -206,10 +206,10 @@ def pause_windows(audio: np.ndarray, max_seconds: float) -> list[tuple[int, int]
 
     A clip no longer than ``max_seconds`` is one window. A longer one is cut in the middle of every pause
     (:data:`PAUSE_SECONDS` of encoder frames at least :data:`PAUSE_DROP_DB` below the clip's loud frames);
-    a piece shorter than :data:`MIN_PIECE_SECONDS` joins the one before it, and a piece still longer than
-    ``max_seconds`` is cut by :func:`long_form_windows`. For a model trained on single utterances, which
-    reads a window of several sentences worse than each alone (issue 15). Cuts lie on the encoder-frame
-    grid and the windows do not overlap.
+    a piece shorter than :data:`MIN_PIECE_SECONDS` is joined to the one before it (the first one to the
+    next), and a piece still longer than ``max_seconds`` is cut by :func:`long_form_windows`. For a model
+    trained on single utterances, which reads a window of several sentences worse than each alone
+    (issue 15). Cuts lie on the encoder-frame grid and the windows do not overlap.
     """
     step = SAMPLES_PER_ENCODER_FRAME
     frames = len(audio) // step
