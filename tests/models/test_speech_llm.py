@@ -404,6 +404,34 @@ def test_length_cap_and_loop_guard(sources):
     assert unguarded.tolist() == [[word] * 5] * 3
 
 
+def test_no_repeat_ngram_holds_in_the_transcript_without_a_warning(sources):
+    import warnings
+
+    model = build(sources)
+    feats, mask, _ = ragged()
+    word = prepare_tokenizer(tiny_tokenizer()).convert_tokens_to_ids("cat")
+    bias = torch.zeros(model.llm.config.vocab_size)
+    bias[word] = 100.0  # the LLM would say "cat" forever
+    handle = model.llm.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens = model.generate(
+            feats,
+            mask,
+            no_repeat_ngram_size=2,
+            loop_guard=False,
+            max_new_tokens_per_second=0,
+            max_new_tokens_floor=6,
+        )
+    handle.remove()
+    assert not [
+        w for w in caught if "no_repeat_ngram_size" in str(w.message)
+    ]  # `transcribe` prints only text
+    for row in tokens.tolist():
+        pairs = list(zip(row, row[1:]))
+        assert row[:2] == [word, word] and len(set(pairs)) == len(pairs)
+
+
 def test_trim_loop_keeps_one_copy_and_leaves_real_text():
     from magnet_asr.models.speech_llm_generation import loop_start, trim_loop
 

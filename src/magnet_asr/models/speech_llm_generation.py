@@ -16,6 +16,7 @@ right-padded for training; both come from the same :class:`~magnet_asr.models.pr
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, cast
@@ -196,13 +197,17 @@ def generate_tokens(
         limits = settings.limits(subset.seconds.tolist())
         inputs = model.build_inputs(subset, padding_side="left")
         criteria = [SampleLengthLimit(limits)] + ([LoopGuard()] if settings.loop_guard else [])
-        tokens = model.llm.generate(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            generation_config=settings.generation_config(model.prompt, max(limits)),
-            stopping_criteria=StoppingCriteriaList(criteria),
-            synced_gpus=synced_gpus,
-        )
+        with warnings.catch_warnings():
+            # n-gram constraints on the new tokens only, not the prompt of audio embeddings, is what
+            # no_repeat_ngram_size means here; transformers warns about it on every call
+            warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
+            tokens = model.llm.generate(
+                inputs_embeds=inputs.inputs_embeds,
+                attention_mask=inputs.attention_mask,
+                generation_config=settings.generation_config(model.prompt, max(limits)),
+                stopping_criteria=StoppingCriteriaList(criteria),
+                synced_gpus=synced_gpus,
+            )
         stops = {*model.prompt.stop_ids, model.prompt.pad_id}
         kept = set(rows)
         for row, index, limit in zip(tokens.tolist(), run, limits):
