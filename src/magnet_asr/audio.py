@@ -169,6 +169,14 @@ def num_encoder_frames(num_samples: int) -> int:
     return math.ceil(num_frames(num_samples) / ENCODER_STRIDE)
 
 
+def _frame_energy(audio: np.ndarray) -> np.ndarray:
+    """Mean square of each whole encoder frame (20 ms) of ``audio``, in float64; a partial last frame is
+    left out."""
+    step = SAMPLES_PER_ENCODER_FRAME
+    frames = len(audio) // step
+    return (np.asarray(audio[: frames * step], dtype=np.float64).reshape(frames, step) ** 2).mean(axis=1)
+
+
 def long_form_windows(
     audio: np.ndarray, max_seconds: float = CHUNK_LENGTH, search_seconds: float = LONG_FORM_SEARCH_SECONDS
 ) -> list[tuple[int, int]]:
@@ -191,8 +199,7 @@ def long_form_windows(
         # candidate cut after frame i of the search region; keep the remainder a usable clip
         first = end - search * step
         last_frame = max(1, min(search, (total - N_FFT - first) // step))
-        frames = np.asarray(audio[first : first + last_frame * step], dtype=np.float64)
-        energy = (frames.reshape(last_frame, step) ** 2).mean(axis=1)
+        energy = _frame_energy(audio[first : first + last_frame * step])
         quietest = last_frame - 1 - int(np.argmin(energy[::-1]))
         cut = first + (quietest + 1) * step
         windows.append((start, cut))
@@ -215,8 +222,7 @@ def pause_windows(audio: np.ndarray, max_seconds: float) -> list[tuple[int, int]
     frames = len(audio) // step
     if len(audio) <= max_seconds * SAMPLE_RATE or frames < 2:
         return [(0, len(audio))]
-    energy = (np.asarray(audio[: frames * step], dtype=np.float64).reshape(frames, step) ** 2).mean(axis=1)
-    level = 10 * np.log10(energy + 1e-12)
+    level = 10 * np.log10(_frame_energy(audio) + 1e-12)
     quiet = np.concatenate([[False], level < np.percentile(level, 95) - PAUSE_DROP_DB, [False]])
     edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))  # alternating starts and ends of quiet runs
     min_pause = PAUSE_SECONDS * ENCODER_FRAMES_PER_SECOND
