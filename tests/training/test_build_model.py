@@ -46,14 +46,34 @@ def test_phone_supervision_adds_the_phones_loss_and_the_collator_field():
     cfg = load_run_config(["+experiments=magnet_demo", "compressor.phone_supervision_weight=0.5"])
     settings = predictor_settings(cfg)
     assert settings["loss"] == ["binomial", "phones"] and settings["loss_weights"] == [1.0, 0.5]
-    assert settings["max_segment_frames"] == 5  # magnet_demo's cap; magnet_demo_5x has none
+    assert settings["max_segment_frames"] == 5  # magnet_demo's cap
     five = predictor_settings(load_run_config(["+experiments=magnet_demo_5x"]))
-    assert five["max_segment_frames"] is None and "phones" in five["loss"]
+    # a longer cap at one segment per phoneme: an uncapped pause stopped the decoder there
+    assert five["max_segment_frames"] == 12 and "phones" in five["loss"]
     assert five["pooling"] == "attention"  # measured better than the mean at one segment per phoneme
     off = predictor_settings(
         load_run_config(["+experiments=magnet_demo", "compressor.phone_supervision_weight=0"])
     )
     assert off["loss"] == ["binomial"] and off["loss_weights"] == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("student", "control"),
+    [("magnet_demo", "magnet_demo_fixed"), ("magnet_demo_5x", "magnet_demo_5x_fixed")],
+)
+def test_a_fixed_rate_control_trains_like_its_student_but_for_the_boundaries(student, control):
+    from omegaconf import OmegaConf
+
+    learned, fixed = (
+        OmegaConf.to_container(load_run_config([f"+experiments={n}"])) for n in (student, control)
+    )
+    assert fixed["compressor"]["variant"] == "uniform" and fixed["compressor"]["target"] == "fixed"
+    assert fixed["compressor"]["pooling"] == learned["compressor"]["pooling"]
+    assert fixed["compressor"]["layers"] == learned["compressor"]["layers"]
+    for group in ("training", "distillation", "data", "encoder"):
+        drop = {"output_dir"} if group == "training" else set()
+        same = {k: v for k, v in learned[group].items() if k not in drop}
+        assert {k: v for k, v in fixed[group].items() if k not in drop} == same, group
 
 
 def test_init_from_a_control_run_leaves_only_the_new_predictors_fresh(tmp_path):
