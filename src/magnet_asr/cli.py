@@ -49,6 +49,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from magnet_asr.evaluation.compare import compare, write_comparison
+
+    comparison = compare(args.a, args.b, num_draws=args.draws, seed=args.seed)
+    print(comparison.summary())
+    if args.out:
+        write_comparison(comparison, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _decoding(args: argparse.Namespace, guards: bool):
     from magnet_asr.models.whisper_generation import DecodingOptions
 
@@ -168,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_beams(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "compare", help="WER of system A minus system B over their seeds, with a bootstrap interval"
+    )
+    p.add_argument("--a", nargs="+", required=True, help="evaluation JSONs of system A, one per seed")
+    p.add_argument("--b", nargs="+", required=True, help="evaluation JSONs of system B, same split")
+    p.add_argument("--draws", type=int, default=10000, help="bootstrap draws")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws")
+    p.add_argument("--out", default=None, help="write the comparison as JSON here")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("transcribe", help="transcribe audio files, one line per file")
     p.add_argument("--model", default="whisper-tiny.en")
