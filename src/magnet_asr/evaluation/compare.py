@@ -23,7 +23,7 @@ import numpy as np
 
 from magnet_asr.text import normalize, wer
 
-__all__ = ["Comparison", "compare", "read_errors"]
+__all__ = ["Comparison", "compare", "read_errors", "write_comparison"]
 
 
 @dataclass
