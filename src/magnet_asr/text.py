@@ -102,14 +102,17 @@ def _as_list(texts: Sequence[str] | str) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
 
-def _error_rate(references: Sequence[str] | str, hypotheses: Sequence[str] | str, unit: str) -> float:
-    """Corpus-level error rate: all edits over all reference units, on normalized text.
+def error_counts(
+    references: Sequence[str] | str, hypotheses: Sequence[str] | str, unit: str = "word"
+) -> tuple[int, int]:
+    """``(edits, reference units)`` over all pairs, on normalized text (``unit``: ``'word'`` or ``'char'``).
 
-    A pair whose normalized reference is empty adds its hypothesis length as insertions; the denominator
-    is floored at 1, so an all-empty reference set scores 0.0 for empty output and counts insertions otherwise.
+    A pair whose normalized reference is empty adds its hypothesis length as insertions and no units.
     """
     import jiwer
 
+    if unit not in ("word", "char"):
+        raise ValueError(f"unit must be 'word' or 'char', got {unit!r}")
     refs = [normalize(t) for t in _as_list(references)]
     hyps = [normalize(t) for t in _as_list(hypotheses)]
     if len(refs) != len(hyps):
@@ -125,6 +128,14 @@ def _error_rate(references: Sequence[str] | str, hypotheses: Sequence[str] | str
         process = jiwer.process_words if unit == "word" else jiwer.process_characters
         out = process([r for r, _ in kept], [h for _, h in kept])
         errors += out.substitutions + out.deletions + out.insertions
+    return errors, total
+
+
+def _error_rate(references: Sequence[str] | str, hypotheses: Sequence[str] | str, unit: str) -> float:
+    """Corpus-level error rate: all edits over all reference units (:func:`error_counts`). The denominator
+    is floored at 1, so an all-empty reference set scores 0.0 for empty output and counts insertions otherwise.
+    """
+    errors, total = error_counts(references, hypotheses, unit)
     return errors / max(total, 1)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from magnet_asr.text import normalize, wer
+from magnet_asr.text import error_counts
 
 __all__ = ["Comparison", "compare", "read_errors", "write_comparison"]
 
@@ -60,12 +60,7 @@ def read_errors(path: str | Path) -> dict[str, tuple[int, int]]:
         rows = json.loads(path.read_text())["utterances"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not an evaluation JSON with per-utterance rows ({error})") from None
-    out: dict[str, tuple[int, int]] = {}
-    for row in rows:
-        words = len(normalize(row["reference"]).split())
-        # wer() floors its denominator at 1 word: undo it the same way to get the edit count back
-        out[str(row["id"])] = (round(wer(row["reference"], row["hypothesis"]) * max(words, 1)), words)
-    return out
+    return {str(row["id"]): error_counts(row["reference"], row["hypothesis"]) for row in rows}
 
 
 def _matrix(files: Sequence[dict[str, tuple[int, int]]], ids: list[str]) -> np.ndarray:
