@@ -26,6 +26,9 @@ WHISPER_TASKS = ("transcribe", "translate")
 class EncoderConfig:
     name: str = "whisper-tiny.en"  # bundled name, local directory or hub name
     freeze: bool = False
+    # SpeechLLM with freeze=true: the top N layers and the final layer norm train (learning rate:
+    # training.encoder_learning_rate); the frozen layers below run once per utterance, their output cached
+    train_layers: int = 0
     position_encoding: str = "learned"  # learned (Whisper's, sliced) | rope
     extra_conv_strides: list[int] = field(default_factory=list)  # fixed-rate baseline after the conv stem
     gradient_checkpointing: bool = False
@@ -35,6 +38,8 @@ class EncoderConfig:
     task: str = "transcribe"  # transcribe | translate
 
     def __post_init__(self) -> None:
+        if self.train_layers < 0:
+            raise ValueError(f"encoder.train_layers must be >= 0, got {self.train_layers}")
         if self.task not in WHISPER_TASKS:
             raise ValueError(f"encoder.task: '{self.task}' is not one of {', '.join(WHISPER_TASKS)}")
 
@@ -68,6 +73,9 @@ class CompressorConfig:
     # split segments longer than this many frames into near-equal parts, in training and evaluation
     # (None: no cap); with one boundary per phone, 4 frames (80 ms) pools flite speech ~3x
     max_segment_frames: int | None = None
+    # with max_segment_frames: at least ceil(frames / max_compression) segments per utterance (a tighter
+    # cap where the predictor leaves fewer); None: no floor
+    max_compression: float | None = None
     input_norm: bool = True  # LayerNorm before the mlp predictor (Whisper's activations are large)
     # attention that reads pooled segments adds log(segment frames) to its logits (Token Merging); off:
     # on magnet_demo it was worse (validation WER 0.94 vs 0.36 at step 250, 2026-12-01)
@@ -195,6 +203,7 @@ class TrainingConfig:
     learning_rate: float = 1e-4
     projector_learning_rate: float | None = None
     predictor_learning_rate: float | None = None
+    encoder_learning_rate: float | None = None  # SpeechLLM: the layers encoder.train_layers trains
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_scheduler_type: str = "linear"

@@ -333,6 +333,28 @@ def test_split_long_segments_caps_every_segment_length() -> None:
     assert split_long_segments(b, real, 1).sum(1).tolist() == [10, 7]  # 1x
 
 
+def test_cap_segments_tightens_the_cap_only_for_rows_pooled_past_max_compression() -> None:
+    from magnet_asr.compression.predictor import cap_segments, split_long_segments
+
+    # row 0: one boundary at the end of 12 frames; the cap of 4 gives 3 segments (4x), the floor at
+    # 3x needs ceil(12 / 3) = 4: cap 3 gives exactly 4. Row 1: 8 segments of 9 frames already (1.1x).
+    b = torch.tensor([[0] * 11 + [1], [1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0]]).float()
+    real = torch.tensor([[1] * 12, [1] * 9 + [0] * 3]).bool()
+    capped = cap_segments(b, real, 4, max_compression=3.0)
+    assert capped[0].tolist() == split_long_segments(b[:1], real[:1], 3)[0].tolist()
+    assert capped.sum(1).tolist() == [4, 8]
+    assert torch.equal(capped[1], split_long_segments(b, real, 4)[1])  # already dense: untouched
+    assert torch.equal(cap_segments(b, real, 4), split_long_segments(b, real, 4))  # no floor
+    # an unreachable floor ends at one segment per frame
+    assert cap_segments(b, real, 4, max_compression=1.01).sum(1).tolist() == [12, 9]
+    with pytest.raises(ValueError, match="max_compression"):
+        BoundaryPredictorConfig(hidden_size=8, max_compression=3.5)  # needs max_segment_frames
+    with pytest.raises(ValueError, match="max_compression"):
+        BoundaryPredictorConfig(hidden_size=8, max_segment_frames=5, max_compression=1.0)
+    config = BoundaryPredictorConfig(hidden_size=8, max_segment_frames=5, max_compression=3.5)
+    assert BoundaryPredictorConfig(**config.to_dict()) == config  # saved with the model
+
+
 def test_max_segment_frames_pools_capped_segments_and_scores_own_decisions() -> None:
     torch.manual_seed(0)
     settings = {"hidden_size": 8, "target": "fixed", "prior": 0.1, "train_sampling": "threshold"}
@@ -347,6 +369,11 @@ def test_max_segment_frames_pools_capped_segments_and_scores_own_decisions() -> 
     a, b = free.train()(hidden, mask), capped.train()(hidden, mask)
     assert a.num_boundaries.tolist() == [1, 1] and b.num_boundaries.tolist() == [4, 3]
     assert b.pooled.shape[1] == 4
+    floored = BoundaryPredictor(
+        BoundaryPredictorConfig(**settings, max_segment_frames=3, max_compression=2.0)
+    )
+    floored.load_state_dict(capped.state_dict())
+    assert floored.eval()(hidden, mask).num_boundaries.tolist() == [6, 4]  # ceil(12 / 2), ceil(7 / 2)
     # the count loss judges the predictor's own decisions, identical in both
     torch.testing.assert_close(a.losses["binomial"], b.losses["binomial"])
     torch.testing.assert_close(a.log_prob, b.log_prob)

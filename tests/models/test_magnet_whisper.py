@@ -56,6 +56,24 @@ def test_padding_and_batch_invariance(settings, ragged_batch, tiny_model, tiny_c
         assert enc.last_hidden_state[i, n:].abs().max() == 0 if n < enc.last_hidden_state.shape[1] else True
 
 
+@pytest.mark.parametrize("settings", [{}, {"position_encoding": "rope"}], ids=["plain", "rope"])
+def test_encode_prefix_then_suffix_is_the_whole_encoder(settings, ragged_batch, tiny_model):
+    encoder = tiny_model(**settings).model.encoder
+    feats, mask, _, _ = ragged_batch
+    whole = encoder(feats, attention_mask=mask)
+    for split in range(len(encoder.layers) + 1):
+        prefix = encoder.encode_prefix(feats, mask, num_layers=split)
+        out = encoder.encode_suffix(prefix, split)
+        torch.testing.assert_close(out.last_hidden_state, whole.last_hidden_state, atol=1e-6, rtol=1e-5)
+        assert torch.equal(out.encoder_attention_mask, whole.encoder_attention_mask)
+        assert torch.equal(out.frames_before, whole.frames_before)
+    with pytest.raises(ValueError, match="layer must be in"):
+        encoder.encode_prefix(feats, mask, num_layers=len(encoder.layers) + 1)
+    with_predictor = tiny_model(predictor_layers=[1], predictor_settings=PHONEME).model.encoder
+    with pytest.raises(ValueError, match="boundary predictors"):
+        with_predictor.encode_prefix(feats, mask, num_layers=1)
+
+
 def test_generate_is_batch_invariant(ragged_batch, tiny_model, tiny_config):
     model = tiny_model(predictor_layers=[1], predictor_settings=PHONEME)
     model.generation_config.decoder_start_token_id = 1

@@ -458,6 +458,59 @@ def test_encoder_cache_serves_a_frozen_encoder_without_predictors(sources):
     assert torch.isfinite(second.loss)
 
 
+def test_top_encoder_layers_train_on_the_cached_frozen_layers(sources, tmp_path):
+    """encoder_train_layers=1: the last layer and the final norm train (and are saved), the frozen
+    layers below run once per utterance, and the output is the one the whole encoder gives."""
+    model = randomize(build(sources, encoder_train_layers=1, lora_dropout=0.0)).train()
+    last = len(model.encoder.layers) - 1
+    top = (f"encoder.layers.{last}.", "encoder.layer_norm.")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")}
+    assert trained and all(n.startswith(top) for n in trained)
+    assert any(n.startswith(top[0]) for n in trained) and any(n.startswith(top[1]) for n in trained)
+    assert model.encoder.layers[last].training and not model.encoder.layers[0].training
+    feats, mask, _ = ragged()
+    labels = padded(response_ids(model, ["a cat", "the dog sat", "yes"]))
+    calls = []
+    model.encoder.register_forward_hook(lambda m, i, o: calls.append("whole"))
+    model.encoder.layers[0].register_forward_hook(lambda m, i, o: calls.append("layer0"))
+    keys = ["u1", "u2", "u3"]
+    first = model(feats, mask, labels=labels, cache_keys=keys)
+    first.loss.backward()
+    for name, param in model.named_parameters():
+        if name in trained:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        elif name.startswith("encoder."):
+            assert param.grad is None, name
+    again = model(feats, mask, labels=labels, cache_keys=keys)
+    assert calls == ["layer0"]  # the cache served the second pass; the whole encoder never ran
+    torch.testing.assert_close(again.loss, first.loss)
+    model.eval()
+    with torch.no_grad():
+        model.encoder.layers[last].fc2.bias.add_(0.3)  # as after training: a saved, changed top layer
+        direct = model.encoder(feats, attention_mask=mask).last_hidden_state
+        via_cache = model._encode(feats, mask, None, keys).last_hidden_state
+    torch.testing.assert_close(via_cache, direct, atol=1e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path)
+    loaded = SpeechLLM.from_pretrained(tmp_path)
+    saved = set(read_weights(tmp_path))
+    assert {n for n in saved if n.startswith("encoder.")} == trained
+    torch.testing.assert_close(loaded(feats, mask).logits, model(feats, mask).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"encoder_train_layers": 1, "freeze_encoder": False}, "needs freeze_encoder"),
+        ({"encoder_train_layers": 1, **WITH_PREDICTOR}, "no predictor_layers"),
+        ({"encoder_train_layers": 99}, "the encoder has"),
+        ({"encoder_train_layers": -1}, ">= 0"),
+    ],
+)
+def test_encoder_train_layers_is_checked(sources, settings, message):
+    with pytest.raises(ValueError, match=message):
+        build(sources, **settings)
+
+
 def test_collator_and_recognizer(sources):
     import numpy as np
 

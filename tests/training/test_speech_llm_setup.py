@@ -242,6 +242,40 @@ def test_ctc_warmup_trains_the_projector_without_touching_the_llm(sources, tmp_p
     torch.testing.assert_close(out.loss, out.asr_loss + 0.5 * out.ctc_loss)
 
 
+def test_ctc_warmup_trains_the_top_encoder_layers_at_their_own_rate(sources, tmp_path):
+    from types import SimpleNamespace
+
+    from magnet_asr.data.collator import SpeechDataset
+
+    data = SimpleNamespace(train_dataset=SpeechDataset(_utterances(tmp_path, 4)), accelerator=None)
+    changed = {}
+    for rate in (0.0, 0.01):
+        cfg = _config(
+            sources,
+            "speech_llm_demo",
+            "projector.ctc_warmup_steps=4",
+            "training.per_device_batch_size=2",
+            "encoder.train_layers=1",
+            f"training.encoder_learning_rate={rate}",
+        )
+        setup = setup_speech_llm(cfg)
+        model = setup.model
+        assert setup.learning_rates["encoder.layer"] == rate and model.config.encoder_train_layers == 1
+        top = {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "encoder." in n
+        }
+        projector_before = model.projector.linear_in.weight.detach().clone()
+        setup.before_training(data)
+        assert not torch.equal(projector_before, model.projector.linear_in.weight)
+        changed[rate] = [n for n, p in model.named_parameters() if n in top and not torch.equal(p, top[n])]
+    # the top layers train in the warm-up, at the configured rate rather than the projector's
+    assert changed[0.0] == [] and len(changed[0.01]) > 0
+    with pytest.raises(ValueError, match="only a speech_llm run"):
+        from magnet_asr.training.recipe import _setup_model
+
+        _setup_model(load_run_config(["+experiments=magnet_demo", "encoder.train_layers=1"]))
+
+
 WARMUP_RANK = """
 import json, sys
 import torch

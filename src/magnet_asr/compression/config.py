@@ -52,6 +52,9 @@ class BoundaryPredictorConfig:
         max_segment_frames: split every segment longer than this into near-equal parts (``None``: no
             cap), in training and evaluation. The predictor's losses see its own decisions, the pooling
             the split segments: phone-aligned boundaries at a compression below the phone rate.
+        max_compression: with ``max_segment_frames``, a floor of ``ceil(frames / max_compression)`` segments
+            per utterance: a row the cap leaves with fewer gets a tighter cap
+            (:func:`~magnet_asr.compression.predictor.cap_segments`). ``None``: no floor.
     """
 
     hidden_size: int
@@ -72,6 +75,7 @@ class BoundaryPredictorConfig:
     dropout: float = 0.0
     input_norm: bool = False
     max_segment_frames: int | None = None
+    max_compression: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, str):
@@ -127,6 +131,13 @@ class BoundaryPredictorConfig:
         ):
             problems.append(
                 f"max_segment_frames must be a positive int or None, got {self.max_segment_frames!r}"
+            )
+        if self.max_compression is not None and (
+            self.max_segment_frames is None or not self.max_compression > 1
+        ):
+            problems.append(
+                f"max_compression must be > 1 and needs max_segment_frames, got {self.max_compression!r} "
+                f"with max_segment_frames={self.max_segment_frames!r}"
             )
         if problems:
             raise ValueError("invalid BoundaryPredictorConfig: " + "; ".join(problems))

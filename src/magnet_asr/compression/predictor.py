@@ -38,6 +38,7 @@ from .targets import UNKNOWN, supervised_boundaries
 __all__ = [
     "BoundaryOutput",
     "BoundaryPredictor",
+    "cap_segments",
     "group_samples",
     "sinusoidal_positions",
     "split_long_segments",
@@ -126,6 +127,25 @@ def split_long_segments(boundaries: Tensor, real: Tensor, max_frames: int) -> Te
     parts = (n + max_frames - 1) // max_frames
     ends = ((position + 1) * parts) // n > (position * parts) // n
     return (hard | (ends & real)).float()
+
+
+def cap_segments(
+    boundaries: Tensor, real: Tensor, max_frames: int, max_compression: float | None = None
+) -> Tensor:
+    """:func:`split_long_segments` at ``max_frames``; with ``max_compression``, a row still left with fewer than
+    ``ceil(frames / max_compression)`` segments takes the largest tighter cap (``max_frames - 1`` ... 1) that
+    gives it that many, so no utterance is pooled much past the rate the caps aim at (at cap 1 every frame is
+    its own segment, so the loop ends)."""
+    out = split_long_segments(boundaries, real, max_frames)
+    if max_compression is None:
+        return out
+    need = torch.ceil(real.sum(dim=1).float() / max_compression)
+    for cap in range(max_frames - 1, 0, -1):
+        short = out.sum(dim=1) < need
+        if not bool(short.any()):
+            break
+        out = torch.where(short.unsqueeze(1), split_long_segments(boundaries, real, cap), out)
+    return out
 
 
 def _logit(p: float) -> float:
@@ -325,7 +345,10 @@ class BoundaryPredictor(nn.Module):
         probs = torch.sigmoid(logits).masked_fill(~real, 0.0).masked_fill(forced, 1.0)
         decided = boundaries  # the predictor's own decisions: what its losses and log_prob are about
         if self.config.max_segment_frames is not None:
-            cuts = split_long_segments(boundaries, real, self.config.max_segment_frames) - boundaries.detach()
+            capped = cap_segments(
+                boundaries, real, self.config.max_segment_frames, self.config.max_compression
+            )
+            cuts = capped - boundaries.detach()
             boundaries = boundaries + cuts  # constant cuts, the decisions' straight-through gradient kept
         hard = decided.detach()
         # Bernoulli log-likelihood from logits (stable): b log p + (1 - b) log(1 - p) on free positions.

@@ -15,7 +15,7 @@ so a sample gives the same output alone and in a padded batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -153,23 +153,7 @@ class MagnetWhisperEncoder(nn.Module):
             raise ValueError(f"num_boundary_samples must be >= 0, got {num_boundary_samples}")
         if num_boundary_samples and not len(self.predictors):
             raise ValueError("num_boundary_samples needs at least one boundary predictor")
-        hidden, mask = self._stem(input_features, attention_mask)
-        for conv in self.extra_convs:
-            if mask is None:
-                mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-            hidden, mask = conv(hidden, mask)
-        length = hidden.shape[1]
-        if self.rotary is None:
-            if length > self.embed_positions.num_embeddings:
-                raise ValueError(
-                    f"input of {length} encoder frames exceeds the {self.embed_positions.num_embeddings} learned "
-                    "positions (30 s); use position_encoding='rope' or shorter clips"
-                )
-            hidden = hidden + self.embed_positions.weight[:length]
-        hidden = nn.functional.dropout(hidden, p=self.config.dropout, training=self.training)
-        frames_before = (
-            mask.sum(1) if mask is not None else torch.full((hidden.shape[0],), length, device=hidden.device)
-        )
+        hidden, mask, frames_before = self._embed(input_features, attention_mask)
 
         boundary_outputs: list[BoundaryOutput] = []
         losses: list[torch.Tensor] = []
@@ -206,6 +190,74 @@ class MagnetWhisperEncoder(nn.Module):
             boundary_outputs=tuple(boundary_outputs) or None,
             boundary_log_prob=log_prob,
             predictor_inputs=tuple(inputs) if num_boundary_samples else None,
+        )
+
+    def _embed(
+        self, input_features: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Conv stem, fixed-stride convs and positions: ``hidden (B, L, D)``, ``mask (B, L)`` (None = all
+        real), ``frames_before (B,)``."""
+        hidden, mask = self._stem(input_features, attention_mask)
+        for conv in self.extra_convs:
+            if mask is None:
+                mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+            hidden, mask = conv(hidden, mask)
+        length = hidden.shape[1]
+        if self.rotary is None:
+            if length > self.embed_positions.num_embeddings:
+                raise ValueError(
+                    f"input of {length} encoder frames exceeds the {self.embed_positions.num_embeddings} learned "
+                    "positions (30 s); use position_encoding='rope' or shorter clips"
+                )
+            hidden = hidden + self.embed_positions.weight[:length]
+        hidden = nn.functional.dropout(hidden, p=self.config.dropout, training=self.training)
+        frames_before = (
+            mask.sum(1) if mask is not None else torch.full((hidden.shape[0],), length, device=hidden.device)
+        )
+        return hidden, mask, frames_before
+
+    def _run_layers(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, start: int, stop: int
+    ) -> torch.Tensor:
+        bias = additive_mask(mask, hidden.dtype)
+        for layer in self.layers[start:stop]:
+            hidden = layer(hidden, bias, **self._rope_kwargs(hidden))
+        return hidden
+
+    def _check_splittable(self, layer: int) -> None:
+        if len(self.predictors):
+            raise ValueError(
+                "an encoder with boundary predictors runs whole: call it, not encode_prefix/suffix"
+            )
+        if not 0 <= layer <= len(self.layers):
+            raise ValueError(f"layer must be in [0, {len(self.layers)}], got {layer}")
+
+    def encode_prefix(
+        self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, num_layers: int = 0
+    ) -> MagnetEncoderOutput:
+        """The stem and the first ``num_layers`` layers of an encoder without predictors: the hidden states
+        entering layer ``num_layers`` (not normalized). With :meth:`encode_suffix` it is the whole forward;
+        a SpeechLLM that trains only the top layers caches this part (``SpeechLLMConfig.encoder_train_layers``)."""
+        self._check_splittable(num_layers)
+        hidden, mask, frames_before = self._embed(input_features, attention_mask)
+        hidden = self._run_layers(hidden, mask, 0, num_layers)
+        return MagnetEncoderOutput(
+            last_hidden_state=hidden,
+            encoder_attention_mask=mask,
+            frames_before=frames_before,
+            frames_after=frames_before,
+        )
+
+    def encode_suffix(self, prefix: MagnetEncoderOutput, start: int) -> MagnetEncoderOutput:
+        """Layers ``[start, N)`` and the final layer norm on what :meth:`encode_prefix` returned."""
+        self._check_splittable(start)
+        mask = prefix.encoder_attention_mask
+        hidden = self._run_layers(cast(torch.Tensor, prefix.last_hidden_state), mask, start, len(self.layers))
+        return MagnetEncoderOutput(
+            last_hidden_state=apply_mask(self.layer_norm(hidden), mask),
+            encoder_attention_mask=mask,
+            frames_before=prefix.frames_before,
+            frames_after=prefix.frames_after,
         )
 
     def _pool_step(self, index, hidden, mask, sizes, target_counts, boundary_outputs, losses, sampling):

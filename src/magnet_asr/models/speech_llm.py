@@ -84,6 +84,8 @@ class SpeechLLMConfig(PretrainedConfig):
     encoder_settings: ``MagnetWhisperConfig`` keyword arguments (``predictor_layers``,
         ``predictor_settings``, ``position_encoding``, ``extra_conv_strides``).
     freeze_encoder: train only the predictors inside the encoder.
+    encoder_train_layers: with ``freeze_encoder`` and no predictors, the top N encoder layers and the final
+        layer norm train too; the layers below stay frozen, and their output is what the cache holds.
     llm_finetune: ``lora`` | ``full`` | ``frozen``; ``lora_*``: the peft ``LoraConfig``.
     projector_*: :class:`AudioProjector` settings (``projector_stack`` = k).
     ctc_loss_weight: weight of the auxiliary CTC loss of the audio tokens against the LLM's token
@@ -106,6 +108,7 @@ class SpeechLLMConfig(PretrainedConfig):
         encoder_name: str | None = None,
         encoder_settings: dict[str, Any] | None = None,
         freeze_encoder: bool = True,
+        encoder_train_layers: int = 0,
         llm_name: str | None = None,
         llm_finetune: str = "lora",
         lora_rank: int = 8,
@@ -130,6 +133,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.encoder_name = encoder_name
         self.encoder_settings = dict(encoder_settings or {})
         self.freeze_encoder = bool(freeze_encoder)
+        self.encoder_train_layers = int(encoder_train_layers)
         self.llm_name = llm_name
         self.llm_finetune = llm_finetune
         self.lora_rank = int(lora_rank)
@@ -149,6 +153,13 @@ class SpeechLLMConfig(PretrainedConfig):
         self.encoder_cache_gb = float(encoder_cache_gb)
         if self.llm_finetune not in FINETUNE_MODES:
             raise ValueError(f"llm_finetune: '{self.llm_finetune}' is not one of {FINETUNE_MODES}")
+        if self.encoder_train_layers < 0:
+            raise ValueError(f"encoder_train_layers must be >= 0, got {self.encoder_train_layers}")
+        if self.encoder_train_layers and (not self.freeze_encoder or self.predictor_layers):
+            raise ValueError(
+                "encoder_train_layers needs freeze_encoder=True and no predictor_layers "
+                "(it trains the top of an otherwise frozen, cached encoder)"
+            )
         if self.projector_stack < 1:
             raise ValueError(f"projector_stack must be >= 1, got {self.projector_stack}")
         if self.ctc_loss_weight < 0:
@@ -414,6 +425,19 @@ class SpeechLLM(PreTrainedModel):
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.llm.forward).parameters
         cacheable = config.freeze_encoder and not config.predictor_layers and config.encoder_cache_gb > 0
         self.encoder_cache = EncoderCache(int(config.encoder_cache_gb * 2**30)) if cacheable else None
+        num_layers = len(self.encoder.layers)
+        if config.encoder_train_layers > num_layers:
+            raise ValueError(
+                f"encoder_train_layers={config.encoder_train_layers}, but the encoder has {num_layers} layers"
+            )
+        # the frozen layers [0, split) run once per utterance (cached); [split, N) and the final norm train
+        self.encoder_split = num_layers - config.encoder_train_layers
+        self._trained_encoder_keys = (
+            tuple(f"encoder.layers.{i}." for i in range(self.encoder_split, num_layers))
+            + ("encoder.layer_norm.",)
+            if config.encoder_train_layers
+            else ()
+        )
         self.set_trainable()
         self.post_init()
 
@@ -428,7 +452,11 @@ class SpeechLLM(PreTrainedModel):
         if name.startswith("projector."):
             return True
         if name.startswith("encoder."):
-            return ".predictors." in f".{name}" or not self.config.freeze_encoder
+            return (
+                ".predictors." in f".{name}"
+                or not self.config.freeze_encoder
+                or name.startswith(self._trained_encoder_keys)
+            )
         if name.startswith("llm."):
             mode = self.config.llm_finetune
             return mode == "full" or (mode == "lora" and "lora_" in name)
@@ -445,6 +473,8 @@ class SpeechLLM(PreTrainedModel):
         if self.config.freeze_encoder:
             self.encoder.eval()
             self.encoder.predictors.train(mode)
+            for layer in self.encoder.layers[self.encoder_split :]:
+                layer.train(mode)
         if self.config.llm_finetune == "frozen":
             self.llm.eval()
         return self
@@ -458,16 +488,25 @@ class SpeechLLM(PreTrainedModel):
         cache_keys: list[str] | None,
     ) -> MagnetEncoderOutput:
         """Encoder pass, from the cache when it holds every key; no autograd graph through a frozen
-        encoder without predictors (nothing in it trains)."""
+        encoder without predictors (nothing in it trains). With ``encoder_train_layers`` the cache holds
+        the frozen layers' output and the top layers run on it."""
         cache, keys = self.encoder_cache, list(cache_keys) if cache_keys is not None else None
-        if cache is not None and keys is not None and (hit := cache.get(keys, features.device)) is not None:
-            return hit
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
-        with torch.set_grad_enabled(needs_grad):
-            out = self.encoder(features, attention_mask=mel_mask, target_counts=target_counts)
-        if cache is not None and keys is not None:
-            cache.put(keys, out)
-        return out
+        split = self.encoder_split if self.config.encoder_train_layers else None
+        out = cache.get(keys, features.device) if cache is not None and keys is not None else None
+        if out is None:
+            needs_grad = (
+                torch.is_grad_enabled()
+                and split is None
+                and any(p.requires_grad for p in self.encoder.parameters())
+            )
+            with torch.set_grad_enabled(needs_grad):
+                if split is not None:
+                    out = self.encoder.encode_prefix(features, mel_mask, num_layers=split)
+                else:
+                    out = self.encoder(features, attention_mask=mel_mask, target_counts=target_counts)
+            if cache is not None and keys is not None:
+                cache.put(keys, out)
+        return self.encoder.encode_suffix(out, split) if split is not None else out
 
     def embed_audio(
         self,

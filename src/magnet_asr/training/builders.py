@@ -41,6 +41,7 @@ def predictor_settings(cfg: Any) -> dict[str, Any]:
         "repulsion_distance": c.repulsion_distance,
         "input_norm": c.input_norm and c.variant == "mlp",
         "max_segment_frames": c.max_segment_frames,
+        "max_compression": c.max_compression,
     }
 
 

@@ -102,6 +102,11 @@ def _setup_data(cfg: Any) -> DataSplits:
 
 
 def _setup_model(cfg: Any) -> ModelSetup:
+    if cfg.encoder.train_layers and cfg.model != "speech_llm":
+        raise ValueError(
+            f"encoder.train_layers={cfg.encoder.train_layers}: only a speech_llm run trains part of a frozen "
+            "encoder (a magnet_whisper run with encoder.freeze=false trains all of it)"
+        )
     if cfg.model == "magnet_whisper":
         from magnet_asr.training.builders import setup_magnet_whisper
         from magnet_asr.training.grpo import grpo_enabled, setup_grpo

@@ -47,6 +47,7 @@ def speech_llm_settings(cfg: Any) -> dict[str, Any]:
     return {
         "encoder_settings": encoder_settings(cfg),
         "freeze_encoder": bool(cfg.encoder.freeze),
+        "encoder_train_layers": int(cfg.encoder.train_layers),
         "llm_finetune": llm.finetune,
         "lora_rank": llm.lora_rank,
         "lora_alpha": llm.lora_alpha,
@@ -72,6 +73,8 @@ def learning_rates(cfg: Any) -> dict[str, float]:
         rates["projector."] = float(cfg.training.projector_learning_rate)
     if cfg.training.predictor_learning_rate is not None:
         rates["predictors."] = float(cfg.training.predictor_learning_rate)
+    if cfg.training.encoder_learning_rate is not None:
+        rates["encoder.layer"] = float(cfg.training.encoder_learning_rate)  # layers.N. and layer_norm.
     return rates
 
 
@@ -85,6 +88,7 @@ def ctc_warmup(
     seed: int = 0,
     max_grad_norm: float = 1.0,
     accelerator: Any = None,
+    learning_rates: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Train the projector (and predictors) on the CTC loss alone before the LLM trains.
 
@@ -105,6 +109,8 @@ def ctc_warmup(
 
     Bad batches (every sample unreadable, or a non-finite loss) are skipped and counted; under several
     processes the ranks skip together (the gradient average is a collective every rank must enter).
+    ``learning_rates``: ``{parameter-name substring: rate}`` as the Trainer takes them (:func:`learning_rates`);
+    the other parameters train at ``learning_rate``.
     Returns the figures the run reports: steps, first and last mean CTC loss of this rank (without the
     boundary loss that the predictors also train on), seconds, skipped batches.
     """
@@ -113,8 +119,15 @@ def ctc_warmup(
     from torch.utils.data import DataLoader, Subset
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("llm.")]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith("llm.")]
+    params = [p for _, p in named]
+    rates = learning_rates or {}
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in named:
+        groups.setdefault(next((lr for key, lr in rates.items() if key in name), learning_rate), []).append(
+            param
+        )
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()], lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
     loader = DataLoader(shard, batch_size, shuffle=True, collate_fn=collator, generator=generator)
@@ -243,6 +256,7 @@ def setup_speech_llm(cfg: Any) -> ModelSetup:
             learning_rate=float(t.projector_learning_rate or t.learning_rate),
             seed=t.seed,
             accelerator=trainer.accelerator,
+            learning_rates={k: v for k, v in learning_rates(cfg).items() if k != "projector."},
         )
 
     def audio_figures(trained: Any, trainer: Any) -> dict[str, float]:
