@@ -119,15 +119,13 @@ def ctc_warmup(
     from torch.utils.data import DataLoader, Subset
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    from magnet_asr.training.trainer import parameter_groups
+
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith("llm.")]
     params = [p for _, p in named]
-    rates = learning_rates or {}
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for name, param in named:
-        groups.setdefault(next((lr for key, lr in rates.items() if key in name), learning_rate), []).append(
-            param
-        )
-    optimizer = torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()], lr=learning_rate)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(named, learning_rates or {}, learning_rate), lr=learning_rate
+    )
     generator = torch.Generator().manual_seed(seed)
     shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
     loader = DataLoader(shard, batch_size, shuffle=True, collate_fn=collator, generator=generator)

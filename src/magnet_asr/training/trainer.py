@@ -48,6 +48,17 @@ SELECTION_METRIC = "wer_at_target"
 AT_TARGET = "at_target"  # 1.0 when the model was evaluated at its target compression, else 0.0
 
 
+def parameter_groups(
+    named: Sequence[tuple[str, torch.nn.Parameter]], learning_rates: dict[str, float], default: float
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups, one per learning rate: a parameter takes the rate of the first
+    ``learning_rates`` key its name contains (``{"projector.": 1e-3}``), else ``default``."""
+    groups: dict[float, list[torch.nn.Parameter]] = defaultdict(list)
+    for name, param in named:
+        groups[next((lr for key, lr in learning_rates.items() if key in name), default)].append(param)
+    return [{"params": params, "lr": lr} for lr, params in groups.items()]
+
+
 class MagnetTrainer(Trainer):
     def __init__(
         self,
@@ -123,20 +134,11 @@ class MagnetTrainer(Trainer):
     # --- optimization -----------------------------------------------------------------------------
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self.learning_rates:
-            groups: dict[float, list[torch.nn.Parameter]] = defaultdict(list)
             assert self.model is not None  # Trainer.__init__ builds it (model or model_init)
-            for name, param in self.model.named_parameters():
-                if not param.requires_grad:
-                    continue
-                lr = next(
-                    (lr for prefix, lr in self.learning_rates.items() if prefix in name),
-                    self.args.learning_rate,
-                )
-                groups[lr].append(param)
-            param_groups = [
-                {"params": params, "lr": lr, "weight_decay": self.args.weight_decay}
-                for lr, params in groups.items()
-            ]
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            param_groups = parameter_groups(named, self.learning_rates, self.args.learning_rate)
+            for group in param_groups:
+                group["weight_decay"] = self.args.weight_decay
             self.optimizer = torch.optim.AdamW(param_groups, lr=self.args.learning_rate)
         optimizer = super().create_optimizer(model)  # the one above, or the Trainer's own from its arguments
         _skip_steps_when(optimizer, self._take_skip_flag)
