@@ -93,6 +93,10 @@ class ProjectorConfig:
     stack: int = 4  # frames stacked per audio token (k=4: 12.5 tokens/s)
     hidden_size: int = 1024
     dropout: float = 0.0
+    # Transformer layers over the audio tokens after the MLP, so a token reads its neighbours
+    # (models/projector.py); num_heads must divide the LLM width
+    num_layers: int = 0
+    num_heads: int = 8
     # SpeechLLM: memory for the outputs of a frozen encoder without predictors (the projector's inputs,
     # the same every epoch), cached by utterance; 0 disables
     encoder_cache_gb: float = 2.0
@@ -108,6 +112,9 @@ class ProjectorConfig:
     # with ctc_compression: an audio token also reaches the LLM where the blank's probability is below
     # this (a word CTC is unsure of), not only where the blank loses the argmax; null = argmax only
     ctc_blank_threshold: float | None = None
+    # with ctc_compression: at most floor(rate x seconds) audio tokens per utterance (at least one); one
+    # with more keeps the most certain (lowest blank probability); null = no budget
+    ctc_max_tokens_per_second: float | None = None
 
 
 @dataclass

@@ -15,6 +15,15 @@ from magnet_asr.models.projector import (
 )
 
 
+def _train_layers(projector: AudioProjector) -> AudioProjector:
+    """Move the layers' zero-initialized output projections, as training does."""
+    with torch.no_grad():
+        for layer in projector.layers:
+            for linear in (layer.self_attn.out_proj, layer.linear2):
+                linear.weight.normal_(std=0.2)
+    return projector
+
+
 def test_stacked_lengths_round_up():
     lengths = torch.tensor([0, 1, 3, 4, 5, 8, 9])
     assert stacked_lengths(lengths, 4).tolist() == [0, 1, 1, 1, 2, 2, 3]
@@ -29,15 +38,20 @@ def test_stack_frames_concatenates_consecutive_frames_and_zero_fills_the_last_gr
     assert stacked[0, 2].tolist() == [13, 14, 0, 0, 0, 0]
 
 
+@pytest.mark.parametrize("num_layers", [0, 2])
 @pytest.mark.parametrize("stack", [1, 2, 4])
-def test_output_length_comes_from_the_mask_and_padding_does_not_leak(stack):
+def test_output_length_comes_from_the_mask_and_padding_does_not_leak(stack, num_layers):
     torch.manual_seed(0)
-    projector = AudioProjector(6, 10, stack=stack, hidden_size=12).eval()
+    projector = _train_layers(
+        AudioProjector(6, 10, stack=stack, hidden_size=12, num_layers=num_layers, num_heads=2)
+    ).eval()
     lengths = [9, 5, 1]
     hidden = torch.randn(3, 9, 6)
     mask = (torch.arange(9)[None] < torch.tensor(lengths)[:, None]).long()
     noisy = hidden + 100.0 * (1 - mask[..., None])  # garbage in padding must not matter
     out, out_mask = projector(noisy, mask)
+    with torch.no_grad():  # inference takes torch's fused Transformer path: the same outputs
+        torch.testing.assert_close(projector(noisy, mask)[0], out, atol=1e-5, rtol=1e-5)
     assert out_mask.sum(1).tolist() == [-(-n // stack) for n in lengths]
     for i, n in enumerate(lengths):
         alone, alone_mask = projector(hidden[i : i + 1, :n])
@@ -64,11 +78,32 @@ def test_invalid_settings_are_rejected():
         AudioProjector(4, 4, stack=0)
     with pytest.raises(ValueError, match="output_scale"):
         AudioProjector(4, 4, output_scale=0.0)
+    with pytest.raises(ValueError, match="num_layers"):
+        AudioProjector(4, 4, num_layers=-1)
+    with pytest.raises(ValueError, match="num_heads=3 must divide the LLM width 4"):
+        AudioProjector(4, 4, num_layers=1, num_heads=3)
 
 
-def test_gradients_reach_every_projector_parameter():
+def test_projector_layers_start_as_the_identity_and_then_read_neighbouring_tokens():
+    hidden = torch.randn(1, 8, 4)
+    changed = hidden.clone()
+    changed[0, 6:] += 1.0  # only the last audio token's frames (stack 2)
     torch.manual_seed(0)
-    projector = AudioProjector(4, 6, stack=2, hidden_size=8, dropout=0.1).train()
+    mlp = AudioProjector(4, 8, stack=2, hidden_size=16).eval()
+    torch.manual_seed(0)
+    layered = AudioProjector(4, 8, stack=2, hidden_size=16, num_layers=1, num_heads=2).eval()
+    torch.testing.assert_close(layered(hidden)[0], mlp(hidden)[0], atol=1e-6, rtol=0)
+    for projector, reads_neighbours in [(mlp, False), (_train_layers(layered), True)]:
+        first = projector(hidden)[0][0, 0]
+        assert torch.equal(first, projector(changed)[0][0, 0]) != reads_neighbours
+
+
+@pytest.mark.parametrize("num_layers", [0, 1])
+def test_gradients_reach_every_projector_parameter(num_layers):
+    torch.manual_seed(0)
+    projector = _train_layers(
+        AudioProjector(4, 6, stack=2, hidden_size=8, dropout=0.1, num_layers=num_layers, num_heads=2)
+    ).train()
     out, mask = projector(torch.randn(2, 5, 4), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]))
     (out * torch.randn_like(out)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
@@ -155,6 +190,21 @@ def test_merge_ctc_spikes_drops_blanks_and_averages_repeats_per_sample():
     torch.testing.assert_close(merged[1, 0], embeds[1, :3].mean(0))
     alone, _ = merge_ctc_spikes(embeds[1:, :3], mask[1:, :3], labels[1:, :3], blank)
     torch.testing.assert_close(alone[0], merged[1, :1])
+
+
+def test_merge_ctc_spikes_budget_keeps_the_most_certain_tokens_in_order():
+    blank = 9
+    embeds = torch.arange(6 * 2, dtype=torch.float32).reshape(1, 6, 2)
+    mask = torch.ones(1, 6, dtype=torch.long)
+    labels = torch.tensor([[blank, 4, 4, blank, 5, 7]])  # groups: "4 4" (frames 1-2), 5, 7
+    log_blank = torch.tensor([[0.0, -0.1, -3.0, 0.0, -0.2, -2.0]])  # a group counts its surest frame
+    unlimited, _ = merge_ctc_spikes(embeds, mask, labels, blank)
+    for budget, groups in [(3, [0, 1, 2]), (2, [0, 2]), (1, [0]), (0, [0])]:
+        kept, kept_mask = merge_ctc_spikes(embeds, mask, labels, blank, log_blank, torch.tensor([budget]))
+        assert kept_mask.tolist() == [[1] * len(groups)]
+        torch.testing.assert_close(kept[0], unlimited[0, groups])
+    with pytest.raises(ValueError, match="go together"):
+        merge_ctc_spikes(embeds, mask, labels, blank, max_tokens=torch.tensor([1]))
 
 
 def test_ctc_head_parameters_shard_and_old_scalar_scale_loads():

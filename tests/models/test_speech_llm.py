@@ -238,7 +238,9 @@ def test_finetune_modes_set_what_trains(sources):
 
 
 @pytest.mark.parametrize(
-    "settings", [WITH_PREDICTOR, {"llm_finetune": "full"}], ids=["lora+predictor", "full"]
+    "settings",
+    [WITH_PREDICTOR, {"llm_finetune": "full"}, {"projector_num_layers": 1, "projector_num_heads": 4}],
+    ids=["lora+predictor", "full", "projector-layers"],
 )
 def test_save_load_round_trip_is_identical(sources, settings, tmp_path):
     from safetensors import safe_open
@@ -632,3 +634,18 @@ def test_ctc_blank_threshold_passes_the_llm_more_tokens_and_is_checked(sources):
     assert (audio.counts >= argmax_counts).all()
     with pytest.raises(ValueError, match="ctc_blank_threshold"):
         build(sources, ctc_loss_weight=1.0, ctc_compression=True, ctc_blank_threshold=1.5)
+
+
+def test_ctc_token_budget_caps_each_utterance_and_is_checked(sources):
+    model = randomize(build(sources, ctc_loss_weight=1.0, ctc_compression=True, ctc_blank_threshold=1.0))
+    feats, mask, _ = ragged()
+    unlimited = model.embed_audio(feats, mask).counts
+    model.config.ctc_max_tokens_per_second = 10.0
+    audio = model.embed_audio(feats, mask)
+    budget = (audio.seconds * 10.0).floor().clamp(min=1).long()
+    assert (audio.counts == torch.minimum(unlimited, budget)).all()
+    assert (unlimited > budget).any()  # the budget binds on some utterance
+    with pytest.raises(ValueError, match="needs ctc_compression"):
+        build(sources, ctc_loss_weight=1.0, ctc_max_tokens_per_second=4.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        build(sources, ctc_loss_weight=1.0, ctc_compression=True, ctc_max_tokens_per_second=0.0)

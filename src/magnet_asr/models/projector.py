@@ -12,6 +12,10 @@ Two steps, as in SLAM-ASR (Ma et al., 2024) and Ultravox:
    one: without it the audio embeddings come out orders of magnitude smaller (or larger) than the
    LLM's token embeddings and the LLM treats them as noise (docs/architecture.md). Its gain starts at the RMS of
    the LLM's token embeddings (:func:`embedding_rms`), so audio and text tokens start on one scale.
+3. Optionally (``num_layers > 0``), pre-norm Transformer layers over the audio tokens, between the MLP's
+   last Linear and its output RMSNorm, so each audio token reads its neighbours (a BPE token often spans
+   two 80 ms groups). Each starts as the identity (zero output projections), so the projector starts as
+   the MLP alone. No position encoding is added: Whisper's outputs already carry its positions.
 
 Optionally, :class:`EmbeddingCTCHead` scores each audio token against the LLM's own (frozen) token
 embeddings and trains the projector with CTC on the transcript tokens. A new projector otherwise only
@@ -89,6 +93,8 @@ class AudioProjector(nn.Module):
         dropout: dropout after the GELU (training only).
         output_scale: initial gain of the output RMSNorm; pass the RMS of the LLM's token embeddings.
         ctc: add an :class:`EmbeddingCTCHead` (``self.ctc_head``) for the auxiliary CTC loss.
+        num_layers: Transformer layers over the audio tokens after the MLP (0 = none).
+        num_heads: their attention heads; must divide ``output_size``.
     """
 
     def __init__(
@@ -101,10 +107,16 @@ class AudioProjector(nn.Module):
         output_scale: float = 1.0,
         eps: float = 1e-6,
         ctc: bool = False,
+        num_layers: int = 0,
+        num_heads: int = 8,
     ) -> None:
         super().__init__()
         if stack < 1:
             raise ValueError(f"projector stack must be >= 1, got {stack}")
+        if num_layers < 0:
+            raise ValueError(f"projector num_layers must be >= 0, got {num_layers}")
+        if num_layers and (num_heads < 1 or output_size % num_heads):
+            raise ValueError(f"projector num_heads={num_heads} must divide the LLM width {output_size}")
         if not (output_scale > 0 and math.isfinite(output_scale)):
             raise ValueError(f"output_scale must be positive and finite, got {output_scale}")
         self.stack = stack
@@ -113,6 +125,22 @@ class AudioProjector(nn.Module):
         self.activation = nn.GELU()
         self.dropout = nn.Dropout(dropout)
         self.linear_out = nn.Linear(hidden_size, output_size)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                output_size,
+                num_heads,
+                dim_feedforward=4 * output_size,
+                dropout=dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(num_layers)
+        )
+        for layer in self.layers:  # each layer starts as the identity: the projector starts as the MLP alone
+            for linear in (layer.self_attn.out_proj, layer.linear2):
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
         self.output_norm = nn.RMSNorm(output_size, eps=eps)
         with torch.no_grad():
             self.output_norm.weight.fill_(output_scale)
@@ -129,8 +157,12 @@ class AudioProjector(nn.Module):
         their mask ``(B, S)``, ``S = ceil(L / stack)``."""
         stacked, stacked_mask = stack_frames(hidden, mask, self.stack)
         x = self.activation(self.linear_in(self.input_norm(stacked)))
-        x = self.output_norm(self.linear_out(self.dropout(x)))
-        return x * stacked_mask[..., None].to(x.dtype), stacked_mask
+        x = self.linear_out(self.dropout(x))
+        padding = stacked_mask == 0
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=padding)
+        x = self.output_norm(x)
+        return x.masked_fill(padding[..., None], 0.0), stacked_mask
 
 
 def _scalar_log_scale(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
@@ -208,16 +240,22 @@ class EmbeddingCTCHead(nn.Module):
         ``blank_threshold``: an audio token emits its most likely *token* wherever the blank's probability
         is below it, instead of only where the blank is not the argmax (None). Above 0.5 this keeps every
         argmax emission plus the uncertain ones, where a word CTC would drop still shows."""
+        return self.emissions(embeds, table, blank_threshold)[0]
+
+    @torch.no_grad()
+    def emissions(
+        self, embeds: torch.Tensor, table: torch.Tensor, blank_threshold: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`best_path` and ``log P(blank)`` of each audio token, both ``(B, A)``."""
         logits = self.logits(embeds, table)
-        if blank_threshold is None:
-            return logits.argmax(-1)
         blank = logits.shape[-1] - 1
         # log P(blank) without materializing a softmax over the whole vocabulary
         log_blank = logits[..., blank].float() - logits.float().logsumexp(-1)
+        if blank_threshold is None:
+            return logits.argmax(-1), log_blank
         best_token = logits[..., :blank].argmax(-1)
-        return torch.where(
-            log_blank < math.log(blank_threshold), best_token, torch.full_like(best_token, blank)
-        )
+        emitted = log_blank < math.log(blank_threshold)
+        return torch.where(emitted, best_token, torch.full_like(best_token, blank)), log_blank
 
     @torch.no_grad()
     def greedy(self, embeds: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> list[list[int]]:
@@ -232,16 +270,26 @@ class EmbeddingCTCHead(nn.Module):
 
 
 def merge_ctc_spikes(
-    embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, blank: int
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    blank: int,
+    log_blank: torch.Tensor | None = None,
+    max_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the audio tokens where CTC emits a token; consecutive tokens with the same label become one
     (their mean), as CTC collapses repeats. ``embeds (B, A, H)``, ``mask (B, A)``, best-path ``labels
     (B, A)`` -> ``(B, G, H)`` and mask ``(B, G)``. A sample where CTC emits nothing keeps one token, the
     mean of its audio (a clip with real frames always reaches the LLM); one with no frames keeps none.
     Each sample is reduced on its own, so the result does not depend on the batch.
+
+    ``max_tokens (B,)`` with ``log_blank (B, A)``: a sample left with more tokens than its budget keeps
+    the most certain ones (lowest ``log P(blank)`` of their audio tokens), in their order.
     """
+    if (log_blank is None) != (max_tokens is None):
+        raise ValueError("merge_ctc_spikes: max_tokens and log_blank go together")
     rows: list[torch.Tensor] = []
-    for sample, length, best in zip(embeds, mask.sum(1).tolist(), labels, strict=True):
+    for index, (sample, length, best) in enumerate(zip(embeds, mask.sum(1).tolist(), labels, strict=True)):
         sample, best = sample[:length], best[:length]
         kept = (best != blank).nonzero().squeeze(1)
         if len(kept) == 0:
@@ -253,7 +301,14 @@ def merge_ctc_spikes(
         group = starts.long().cumsum(0) - 1
         groups = int(group[-1]) + 1
         sums = sample.new_zeros(groups, sample.shape[1]).index_add(0, group, sample[kept])
-        rows.append(sums / torch.bincount(group, minlength=groups)[:, None].to(sample.dtype))
+        merged = sums / torch.bincount(group, minlength=groups)[:, None].to(sample.dtype)
+        if max_tokens is not None and log_blank is not None and groups > int(max_tokens[index]):
+            certainty = log_blank.new_full((groups,), math.inf).scatter_reduce(
+                0, group, log_blank[index, kept], reduce="amin"
+            )
+            budget = max(int(max_tokens[index]), 1)
+            merged = merged[certainty.topk(budget, largest=False).indices.sort().values]
+        rows.append(merged)
     width = max(1, max(len(r) for r in rows))
     out = embeds.new_zeros(len(rows), width, embeds.shape[-1])
     out_mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)

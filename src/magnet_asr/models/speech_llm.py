@@ -95,6 +95,8 @@ class SpeechLLMConfig(PretrainedConfig):
         transcript's token rate.
     ctc_blank_threshold: with ``ctc_compression``, an audio token also reaches the LLM where the blank's
         probability is below this, not only where the blank loses the argmax (None: argmax only).
+    ctc_max_tokens_per_second: with ``ctc_compression``, a budget of ``max(1, floor(rate x seconds))``
+        audio tokens per utterance; one with more keeps its most certain (None: no budget).
     prompt: :meth:`ChatPrompt.to_dict` (the rendered template ids; training and inference share it).
     decoding: defaults of ``models/speech_llm_generation.DecodeSettings`` (``num_beams``, token caps,
         ``repetition_penalty``, ``loop_guard``...). A dict: transformers reserves those names at top level.
@@ -118,10 +120,13 @@ class SpeechLLMConfig(PretrainedConfig):
         projector_stack: int = 4,
         projector_hidden_size: int = 1024,
         projector_dropout: float = 0.0,
+        projector_num_layers: int = 0,
+        projector_num_heads: int = 8,
         boundary_loss_weight: float = 1.0,
         ctc_loss_weight: float = 0.0,
         ctc_compression: bool = False,
         ctc_blank_threshold: float | None = None,
+        ctc_max_tokens_per_second: float | None = None,
         prompt: dict[str, Any] | None = None,
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = None,
@@ -143,10 +148,14 @@ class SpeechLLMConfig(PretrainedConfig):
         self.projector_stack = int(projector_stack)
         self.projector_hidden_size = int(projector_hidden_size)
         self.projector_dropout = float(projector_dropout)
+        self.projector_num_layers = int(projector_num_layers)
+        self.projector_num_heads = int(projector_num_heads)
         self.boundary_loss_weight = float(boundary_loss_weight)
         self.ctc_loss_weight = float(ctc_loss_weight)
         self.ctc_compression = bool(ctc_compression)
         self.ctc_blank_threshold = None if ctc_blank_threshold is None else float(ctc_blank_threshold)
+        rate = ctc_max_tokens_per_second
+        self.ctc_max_tokens_per_second = None if rate is None else float(rate)
         self.prompt = dict(prompt) if prompt else None
         self.instruction, self.system_prompt = instruction, system_prompt
         self.decoding = dict(decoding or {})
@@ -168,6 +177,13 @@ class SpeechLLMConfig(PretrainedConfig):
             raise ValueError("ctc_compression needs the CTC head: set ctc_loss_weight > 0")
         if self.ctc_blank_threshold is not None and not 0 < self.ctc_blank_threshold <= 1:
             raise ValueError(f"ctc_blank_threshold must be in (0, 1], got {self.ctc_blank_threshold}")
+        if self.ctc_max_tokens_per_second is not None:
+            if not self.ctc_compression:
+                raise ValueError("ctc_max_tokens_per_second needs ctc_compression")
+            if not self.ctc_max_tokens_per_second > 0:
+                raise ValueError(
+                    f"ctc_max_tokens_per_second must be > 0, got {self.ctc_max_tokens_per_second}"
+                )
         from magnet_asr.models.speech_llm_generation import DecodeSettings
 
         DecodeSettings.from_config(self)  # unknown or invalid decoding keys fail here, not at decode time
@@ -418,6 +434,8 @@ class SpeechLLM(PreTrainedModel):
             stack=config.projector_stack,
             hidden_size=config.projector_hidden_size,
             dropout=config.projector_dropout,
+            num_layers=config.projector_num_layers,
+            num_heads=config.projector_num_heads,
             output_scale=_token_embedding_rms(self.llm),
             ctc=config.ctc_loss_weight > 0,
         )
@@ -523,16 +541,25 @@ class SpeechLLM(PreTrainedModel):
         projected, projected_mask = self.projector(hidden, enc.encoder_attention_mask)
         embeds, mask = projected, projected_mask
         head = self.projector.ctc_head
-        if self.config.ctc_compression and compress and head is not None:
-            table = self._token_table()
-            best = head.best_path(projected, table, self.config.ctc_blank_threshold)
-            embeds, mask = merge_ctc_spikes(projected, projected_mask, best, blank=table.shape[0])
         batch, length = input_features.shape[0], input_features.shape[-1]
         mel_frames = (
             attention_mask.sum(1)
             if attention_mask is not None
-            else torch.full((batch,), length, device=embeds.device)
+            else torch.full((batch,), length, device=projected.device)
         )
+        if self.config.ctc_compression and compress and head is not None:
+            table = self._token_table()
+            best, log_blank = head.emissions(projected, table, self.config.ctc_blank_threshold)
+            rate = self.config.ctc_max_tokens_per_second
+            budget = None if rate is None else (mel_frames * rate / FRAMES_PER_SECOND).floor().long()
+            embeds, mask = merge_ctc_spikes(
+                projected,
+                projected_mask,
+                best,
+                blank=table.shape[0],
+                log_blank=None if budget is None else log_blank,
+                max_tokens=budget,
+            )
         frames_before = enc.frames_before
         return AudioEmbeddings(
             embeds,
