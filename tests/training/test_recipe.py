@@ -77,6 +77,9 @@ def test_train_end_to_end_skips_bad_samples(
     card = (out_dir / "final" / "README.md").read_text()
     assert f"- {tiny_whisper_dir.name}" in card and "magnet-asr train " in card
     assert f"| {speech_manifest.name} test | " in card
+    # no pickle in what users share (the Trainer writes its arguments as one; checkpoints keep it)
+    assert not (out_dir / "final" / "training_args.bin").exists()
+    assert (out_dir / "checkpoint-6" / "training_args.bin").exists()
     for saved in (out_dir / "final").iterdir():  # the directory can be copied or pushed as it is
         if saved.suffix in (".json", ".md", ".txt", ".jinja"):
             text = saved.read_text()

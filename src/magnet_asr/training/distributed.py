@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.trainer import TRAINING_ARGS_NAME  # tests/training/test_recipe.py pins it
 
 from magnet_asr.models.encoder import MagnetWhisperEncoder
 from magnet_asr.training.trainer import shards_parameters
@@ -91,13 +92,19 @@ def prepare_sharding(trainer: Any, model: torch.nn.Module) -> None:
 
 def save_final(trainer: Any, directory: Path) -> None:
     """``trainer.save_model(directory)`` with, under FSDP, the full state dict gathered on rank 0 (every rank
-    must call it): a sharded ``final/`` would not load with ``from_pretrained``."""
+    must call it): a sharded ``final/`` would not load with ``from_pretrained``.
+
+    The Trainer's pickled ``training_args.bin`` is removed from ``directory``: ``final/`` is what users share,
+    loading a pickle runs code, and nothing reads it (the run's ``config.yaml`` and the model card record
+    the settings; checkpoints keep theirs)."""
     if trainer.is_fsdp_enabled:
         plugin = trainer.accelerator.state.fsdp_plugin
         # the configs belong to the state-dict type; set_state_dict_type makes FULL's (rank 0 only, on the CPU)
         plugin.state_dict_config = plugin.optim_state_dict_config = None
         plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(directory))
+    if trainer.args.should_save:
+        (directory / TRAINING_ARGS_NAME).unlink(missing_ok=True)
 
 
 def trained_model(trainer: Any, directory: Path) -> torch.nn.Module:
