@@ -1,6 +1,6 @@
 """``AudioProjector``: encoder frames -> LLM input embeddings (audio tokens).
 
-Two steps, as in SLAM-ASR (Ma et al., 2024) and Ultravox:
+Two steps, as in SLAM-ASR (Ma et al., 2024) and Ultravox, and an optional third:
 
 1. **Frame stacking** by ``k``: ``k`` consecutive encoder frames are concatenated into one vector, so
    the 50 frames/s of Whisper become ``50 / k`` audio tokens/s (k=4: 12.5/s). Stacking loses no
@@ -126,21 +126,8 @@ class AudioProjector(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear_out = nn.Linear(hidden_size, output_size)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                output_size,
-                num_heads,
-                dim_feedforward=4 * output_size,
-                dropout=dropout,
-                activation="gelu",
-                batch_first=True,
-                norm_first=True,
-            )
-            for _ in range(num_layers)
+            _identity_layer(output_size, num_heads, dropout) for _ in range(num_layers)
         )
-        for layer in self.layers:  # each layer starts as the identity: the projector starts as the MLP alone
-            for linear in (layer.self_attn.out_proj, layer.linear2):
-                nn.init.zeros_(linear.weight)
-                nn.init.zeros_(linear.bias)
         self.output_norm = nn.RMSNorm(output_size, eps=eps)
         with torch.no_grad():
             self.output_norm.weight.fill_(output_scale)
@@ -163,6 +150,24 @@ class AudioProjector(nn.Module):
             x = layer(x, src_key_padding_mask=padding)
         x = self.output_norm(x)
         return x.masked_fill(padding[..., None], 0.0), stacked_mask
+
+
+def _identity_layer(width: int, num_heads: int, dropout: float) -> nn.TransformerEncoderLayer:
+    """A pre-norm Transformer layer whose output projections start at zero: it starts as the identity, so
+    the projector starts as the MLP alone."""
+    layer = nn.TransformerEncoderLayer(
+        width,
+        num_heads,
+        dim_feedforward=4 * width,
+        dropout=dropout,
+        activation="gelu",
+        batch_first=True,
+        norm_first=True,
+    )
+    for linear in (layer.self_attn.out_proj, layer.linear2):
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+    return layer
 
 
 def _scalar_log_scale(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
