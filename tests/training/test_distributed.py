@@ -108,6 +108,7 @@ def _trainer(plugin, *, fsdp: bool = True, saved: list | None = None) -> SimpleN
             num_processes=2,
         ),
         is_world_process_zero=lambda: True,
+        args=SimpleNamespace(should_save=True),
         save_model=lambda directory: saved.append(directory) if saved is not None else None,
     )
 
