@@ -245,7 +245,7 @@ class EmbeddingCTCHead(nn.Module):
         ``blank_threshold``: an audio token emits its most likely *token* wherever the blank's probability
         is below it, instead of only where the blank is not the argmax (None). Above 0.5 this keeps every
         argmax emission plus the uncertain ones, where a word CTC would drop still shows."""
-        return self.emissions(embeds, table, blank_threshold)[0]
+        return _best_path(self.logits(embeds, table), blank_threshold)
 
     @torch.no_grad()
     def emissions(
@@ -253,14 +253,8 @@ class EmbeddingCTCHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`best_path` and ``log P(blank)`` of each audio token, both ``(B, A)``."""
         logits = self.logits(embeds, table)
-        blank = logits.shape[-1] - 1
-        # log P(blank) without materializing a softmax over the whole vocabulary
-        log_blank = logits[..., blank].float() - logits.float().logsumexp(-1)
-        if blank_threshold is None:
-            return logits.argmax(-1), log_blank
-        best_token = logits[..., :blank].argmax(-1)
-        emitted = log_blank < math.log(blank_threshold)
-        return torch.where(emitted, best_token, torch.full_like(best_token, blank)), log_blank
+        log_blank = _log_blank(logits)
+        return _best_path(logits, blank_threshold, log_blank), log_blank
 
     @torch.no_grad()
     def greedy(self, embeds: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> list[list[int]]:
@@ -272,6 +266,24 @@ class EmbeddingCTCHead(nn.Module):
             ids = [t for i, t in enumerate(row[:n]) if t != blank and (i == 0 or t != row[i - 1])]
             out.append(ids)
         return out
+
+
+def _log_blank(logits: torch.Tensor) -> torch.Tensor:
+    """``log P(blank)`` (the last class) without materializing a softmax over the whole vocabulary."""
+    return logits[..., -1].float() - logits.float().logsumexp(-1)
+
+
+def _best_path(
+    logits: torch.Tensor, blank_threshold: float | None, log_blank: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:meth:`EmbeddingCTCHead.best_path` from its ``logits``; ``log_blank`` when already computed."""
+    if blank_threshold is None:
+        return logits.argmax(-1)
+    blank = logits.shape[-1] - 1
+    log_blank = _log_blank(logits) if log_blank is None else log_blank
+    best_token = logits[..., :blank].argmax(-1)
+    emitted = log_blank < math.log(blank_threshold)
+    return torch.where(emitted, best_token, torch.full_like(best_token, blank))
 
 
 def merge_ctc_spikes(

@@ -548,17 +548,15 @@ class SpeechLLM(PreTrainedModel):
             else torch.full((batch,), length, device=projected.device)
         )
         if self.config.ctc_compression and compress and head is not None:
-            table = self._token_table()
-            best, log_blank = head.emissions(projected, table, self.config.ctc_blank_threshold)
+            table, threshold = self._token_table(), self.config.ctc_blank_threshold
             rate = self.config.ctc_max_tokens_per_second
-            budget = None if rate is None else (mel_frames * rate / FRAMES_PER_SECOND).floor().long()
+            if rate is None:  # log P(blank) over the whole vocabulary only where a budget needs it
+                best, log_blank, budget = head.best_path(projected, table, threshold), None, None
+            else:
+                best, log_blank = head.emissions(projected, table, threshold)
+                budget = (mel_frames * rate / FRAMES_PER_SECOND).floor().long()
             embeds, mask = merge_ctc_spikes(
-                projected,
-                projected_mask,
-                best,
-                blank=table.shape[0],
-                log_blank=None if budget is None else log_blank,
-                max_tokens=budget,
+                projected, projected_mask, best, table.shape[0], log_blank, budget
             )
         frames_before = enc.frames_before
         return AudioEmbeddings(
