@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from magnet_asr.evaluation.decode import SpeechLLMRecognizer
 from magnet_asr.models.speech_llm import SpeechLLM, build_speech_llm
 from magnet_asr.training.builders import ModelSetup, encoder_settings
+from magnet_asr.training.trainer import parameter_groups
 
 __all__ = ["ctc_warmup", "learning_rates", "setup_speech_llm", "speech_llm_settings"]
 
@@ -122,8 +123,6 @@ def ctc_warmup(
     from torch.utils.data import DataLoader, Subset
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    from magnet_asr.training.trainer import parameter_groups
-
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith("llm.")]
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(
