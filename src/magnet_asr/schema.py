@@ -115,6 +115,9 @@ class ProjectorConfig:
     # with ctc_compression: at most floor(rate x seconds) audio tokens per utterance (at least one); one
     # with more keeps the most certain (lowest blank probability); null = no budget
     ctc_max_tokens_per_second: float | None = None
+    # with ctc_compression: spikes (the LLM reads each emission's own audio tokens, blanks dropped) or
+    # segments (every audio token pooled into its nearest emission: nothing dropped, same count)
+    ctc_pooling: str = "spikes"
 
 
 @dataclass

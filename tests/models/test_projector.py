@@ -207,6 +207,31 @@ def test_merge_ctc_spikes_budget_keeps_the_most_certain_tokens_in_order():
         merge_ctc_spikes(embeds, mask, labels, blank, max_tokens=torch.tensor([1]))
 
 
+def test_merge_ctc_spikes_segments_pool_every_audio_token_into_its_nearest_emission():
+    blank = 9
+    embeds = torch.arange(2 * 8 * 2, dtype=torch.float32).reshape(2, 8, 2)
+    mask = torch.tensor([[1] * 8, [1, 1, 1, 0, 0, 0, 0, 0]])
+    # sample 0: emissions "4 4" (frames 1-2), 5 (frame 5), 7 (frame 7); the gap 3-4 splits at its
+    # midpoint (frame 3 ties and goes to the earlier), frame 6 ties between 5 and 7 and goes to 5
+    labels = torch.tensor([[blank, 4, 4, blank, blank, 5, blank, 7], [blank] * 3 + [3] * 5])
+    merged, merged_mask = merge_ctc_spikes(embeds, mask, labels, blank, pooling="segments")
+    spikes, _ = merge_ctc_spikes(embeds, mask, labels, blank)
+    assert merged_mask.tolist() == [[1, 1, 1], [1, 0, 0]]  # the same count as spikes
+    for row, frames in enumerate([[0, 1, 2, 3], [4, 5, 6], [7]]):
+        torch.testing.assert_close(merged[0, row], embeds[0, frames].mean(0))
+    torch.testing.assert_close(merged[1, 0], spikes[1, 0])  # no emission: the mean of its audio
+    # with a budget of 2 the least certain emission (5) is dropped and its frames go to its neighbours
+    log_blank = torch.tensor([[0.0, -2.0, -1.0, 0.0, 0.0, -0.1, 0.0, -3.0]] * 2)
+    kept, kept_mask = merge_ctc_spikes(
+        embeds, mask, labels, blank, log_blank, torch.tensor([2, 2]), pooling="segments"
+    )
+    assert kept_mask.tolist() == [[1, 1], [1, 0]]
+    torch.testing.assert_close(kept[0, 0], embeds[0, :5].mean(0))  # frames 0-4: the cut at (2 + 7) // 2
+    torch.testing.assert_close(kept[0, 1], embeds[0, 5:].mean(0))
+    with pytest.raises(ValueError, match="pooling"):
+        merge_ctc_spikes(embeds, mask, labels, blank, pooling="mean")
+
+
 def test_ctc_head_parameters_shard_and_old_scalar_scale_loads():
     head = EmbeddingCTCHead(16)
     assert all(p.dim() >= 1 for p in head.parameters())  # FSDP2's fully_shard refuses 0-d parameters

@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from magnet_asr.models.processing_speech_llm import AUDIO_TOKEN, ChatPrompt, prepare_tokenizer
+from magnet_asr.models.projector import merge_ctc_spikes
 from magnet_asr.models.speech_llm import ADAPTER_FOLDER, SpeechLLM, build_speech_llm, read_weights
 from tiny import TINY_LLAMA
 from tiny import TINY_WHISPER as TINY
@@ -649,3 +650,29 @@ def test_ctc_token_budget_caps_each_utterance_and_is_checked(sources):
         build(sources, ctc_loss_weight=1.0, ctc_max_tokens_per_second=4.0)
     with pytest.raises(ValueError, match="must be > 0"):
         build(sources, ctc_loss_weight=1.0, ctc_compression=True, ctc_max_tokens_per_second=0.0)
+
+
+def test_ctc_segment_pooling_keeps_the_count_and_reads_every_audio_token(sources):
+    model = randomize(build(sources, ctc_loss_weight=1.0, ctc_compression=True))
+    feats, mask, _ = ragged()
+    table = model.llm.get_input_embeddings().weight
+    head = model.projector.ctc_head
+    with torch.no_grad():  # the blank along an audio token's direction wins everywhere in this tiny model
+        projected = model.embed_audio(feats, mask, compress=False)
+        head.blank.copy_(projected.projected[0, 0])
+        _, log_blank = head.emissions(projected.projected, table)
+    # a threshold at the median blank probability: about half the audio tokens emit
+    model.config.ctc_blank_threshold = float(log_blank[projected.projected_mask.bool()].exp().median())
+    spikes = model.embed_audio(feats, mask)
+    model.config.ctc_pooling = "segments"
+    segments = model.embed_audio(feats, mask)
+    assert torch.equal(segments.counts, spikes.counts)
+    best = head.best_path(segments.projected, table, model.config.ctc_blank_threshold)
+    assert (best[0] == table.shape[0]).any() and (best[0] != table.shape[0]).any()
+    expected, _ = merge_ctc_spikes(
+        segments.projected, segments.projected_mask, best, table.shape[0], pooling="segments"
+    )
+    torch.testing.assert_close(segments.embeds, expected)
+    assert not torch.allclose(segments.embeds, spikes.embeds)  # the blanks' audio tokens count here
+    with pytest.raises(ValueError, match="ctc_pooling"):
+        build(sources, ctc_loss_weight=1.0, ctc_compression=True, ctc_pooling="mean")

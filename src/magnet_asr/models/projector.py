@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CTC_POOLING",
     "AudioProjector",
     "EmbeddingCTCHead",
     "embedding_rms",
@@ -286,6 +287,9 @@ def _best_path(
     return torch.where(emitted, best_token, torch.full_like(best_token, blank))
 
 
+CTC_POOLING = ("spikes", "segments")
+
+
 def merge_ctc_spikes(
     embeds: torch.Tensor,
     mask: torch.Tensor,
@@ -293,18 +297,26 @@ def merge_ctc_spikes(
     blank: int,
     log_blank: torch.Tensor | None = None,
     max_tokens: torch.Tensor | None = None,
+    pooling: str = "spikes",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the audio tokens where CTC emits a token; consecutive tokens with the same label become one
-    (their mean), as CTC collapses repeats. ``embeds (B, A, H)``, ``mask (B, A)``, best-path ``labels
-    (B, A)`` -> ``(B, G, H)`` and mask ``(B, G)``. A sample where CTC emits nothing keeps one token, the
-    mean of its audio (a clip with real frames always reaches the LLM); one with no frames keeps none.
-    Each sample is reduced on its own, so the result does not depend on the batch.
+    """One LLM input per CTC emission. ``embeds (B, A, H)``, ``mask (B, A)``, best-path ``labels (B, A)``
+    -> ``(B, G, H)`` and mask ``(B, G)``; consecutive audio tokens with the same label are one emission,
+    as CTC collapses repeats. A sample where CTC emits nothing keeps one token, the mean of its audio (a
+    clip with real frames always reaches the LLM); one with no frames keeps none. Each sample is reduced
+    on its own, so the result does not depend on the batch.
 
-    ``max_tokens (B,)`` with ``log_blank (B, A)``: a sample left with more tokens than its budget keeps
+    ``pooling``: ``spikes`` keeps the mean of each emission's own audio tokens and drops the blanks;
+    ``segments`` gives every audio token to the nearest kept emission (ties to the earlier) and keeps
+    the mean of each one's share, so what CTC calls blank, a word it misses included, still reaches the
+    LLM inside a neighbour (Gaido et al., 2021, average rather than select).
+
+    ``max_tokens (B,)`` with ``log_blank (B, A)``: a sample left with more emissions than its budget keeps
     the most certain ones (lowest ``log P(blank)`` of their audio tokens), in their order.
     """
     if (log_blank is None) != (max_tokens is None):
         raise ValueError("merge_ctc_spikes: max_tokens and log_blank go together")
+    if pooling not in CTC_POOLING:
+        raise ValueError(f"merge_ctc_spikes: pooling '{pooling}' is not one of {CTC_POOLING}")
     rows: list[torch.Tensor] = []
     for index, (sample, length, best) in enumerate(zip(embeds, mask.sum(1).tolist(), labels, strict=True)):
         sample, best = sample[:length], best[:length]
@@ -317,15 +329,19 @@ def merge_ctc_spikes(
         starts[1:] = (spikes[1:] != spikes[:-1]) | (kept[1:] != kept[:-1] + 1)
         group = starts.long().cumsum(0) - 1
         groups = int(group[-1]) + 1
-        sums = sample.new_zeros(groups, sample.shape[1]).index_add(0, group, sample[kept])
-        merged = sums / torch.bincount(group, minlength=groups)[:, None].to(sample.dtype)
+        chosen = torch.arange(groups, device=sample.device)
         if max_tokens is not None and log_blank is not None and groups > int(max_tokens[index]):
             certainty = log_blank.new_full((groups,), math.inf).scatter_reduce(
                 0, group, log_blank[index, kept], reduce="amin"
             )
             budget = max(int(max_tokens[index]), 1)
-            merged = merged[certainty.topk(budget, largest=False).indices.sort().values]
-        rows.append(merged)
+            chosen = certainty.topk(budget, largest=False).indices.sort().values
+        if pooling == "segments":
+            first = kept[starts][chosen]
+            last = kept.new_zeros(groups).scatter_reduce(0, group, kept, reduce="amax")[chosen]
+            rows.append(_mean_by(sample, _nearest(first, last, length)))
+        else:
+            rows.append(_mean_by(sample[kept], group)[chosen])
     width = max(1, max(len(r) for r in rows))
     out = embeds.new_zeros(len(rows), width, embeds.shape[-1])
     out_mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
@@ -333,3 +349,17 @@ def merge_ctc_spikes(
         out[i, : len(row)] = row
         out_mask[i, : len(row)] = 1
     return out, out_mask
+
+
+def _mean_by(rows: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """The mean of ``rows (N, H)`` per ``owner (N,)`` index ``0..max`` (each index owns at least one row)."""
+    count = int(owner[-1]) + 1 if len(owner) else 0
+    sums = rows.new_zeros(count, rows.shape[1]).index_add(0, owner, rows)
+    return sums / torch.bincount(owner, minlength=count)[:, None].to(rows.dtype)
+
+
+def _nearest(first: torch.Tensor, last: torch.Tensor, length: int) -> torch.Tensor:
+    """For each of ``length`` positions, the index of the nearest span ``[first[i], last[i]]`` (sorted,
+    disjoint; a tie goes to the earlier span): the cut between two spans is their gap's midpoint."""
+    cuts = torch.div(last[:-1] + first[1:], 2, rounding_mode="floor")
+    return torch.searchsorted(cuts, torch.arange(length, device=first.device))

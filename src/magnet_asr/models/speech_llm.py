@@ -37,7 +37,7 @@ from magnet_asr.audio import FRAMES_PER_SECOND
 from magnet_asr.data.collator import IGNORE_INDEX
 from magnet_asr.models.encoder import MagnetEncoderOutput, MagnetWhisperEncoder
 from magnet_asr.models.processing_speech_llm import DEFAULT_INSTRUCTION, ChatPrompt
-from magnet_asr.models.projector import AudioProjector, embedding_rms, merge_ctc_spikes
+from magnet_asr.models.projector import CTC_POOLING, AudioProjector, embedding_rms, merge_ctc_spikes
 
 __all__ = [
     "AudioEmbeddings",
@@ -97,6 +97,8 @@ class SpeechLLMConfig(PretrainedConfig):
         probability is below this, not only where the blank loses the argmax (None: argmax only).
     ctc_max_tokens_per_second: with ``ctc_compression``, a budget of ``max(1, floor(rate x seconds))``
         audio tokens per utterance; one with more keeps its most certain (None: no budget).
+    ctc_pooling: with ``ctc_compression``, ``spikes`` (each emission's own audio tokens, blanks dropped) or
+        ``segments`` (every audio token pooled into its nearest emission; same count, nothing dropped).
     prompt: :meth:`ChatPrompt.to_dict` (the rendered template ids; training and inference share it).
     decoding: defaults of ``models/speech_llm_generation.DecodeSettings`` (``num_beams``, token caps,
         ``repetition_penalty``, ``loop_guard``...). A dict: transformers reserves those names at top level.
@@ -127,6 +129,7 @@ class SpeechLLMConfig(PretrainedConfig):
         ctc_compression: bool = False,
         ctc_blank_threshold: float | None = None,
         ctc_max_tokens_per_second: float | None = None,
+        ctc_pooling: str = "spikes",
         prompt: dict[str, Any] | None = None,
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = None,
@@ -156,6 +159,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.ctc_blank_threshold = None if ctc_blank_threshold is None else float(ctc_blank_threshold)
         rate = ctc_max_tokens_per_second
         self.ctc_max_tokens_per_second = None if rate is None else float(rate)
+        self.ctc_pooling = ctc_pooling
         self.prompt = dict(prompt) if prompt else None
         self.instruction, self.system_prompt = instruction, system_prompt
         self.decoding = dict(decoding or {})
@@ -184,6 +188,8 @@ class SpeechLLMConfig(PretrainedConfig):
                 raise ValueError(
                     f"ctc_max_tokens_per_second must be > 0, got {self.ctc_max_tokens_per_second}"
                 )
+        if self.ctc_pooling not in CTC_POOLING:
+            raise ValueError(f"ctc_pooling: '{self.ctc_pooling}' is not one of {CTC_POOLING}")
         from magnet_asr.models.speech_llm_generation import DecodeSettings
 
         DecodeSettings.from_config(self)  # unknown or invalid decoding keys fail here, not at decode time
@@ -556,7 +562,7 @@ class SpeechLLM(PreTrainedModel):
                 best, log_blank = head.emissions(projected, table, threshold)
                 budget = (mel_frames * rate / FRAMES_PER_SECOND).floor().long()
             embeds, mask = merge_ctc_spikes(
-                projected, projected_mask, best, table.shape[0], log_blank, budget
+                projected, projected_mask, best, table.shape[0], log_blank, budget, self.config.ctc_pooling
             )
         frames_before = enc.frames_before
         return AudioEmbeddings(

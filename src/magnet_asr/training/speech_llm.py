@@ -63,6 +63,7 @@ def speech_llm_settings(cfg: Any) -> dict[str, Any]:
         "ctc_compression": projector.ctc_compression,
         "ctc_blank_threshold": projector.ctc_blank_threshold,
         "ctc_max_tokens_per_second": projector.ctc_max_tokens_per_second,
+        "ctc_pooling": projector.ctc_pooling,
         "encoder_cache_gb": projector.encoder_cache_gb,
         "instruction": llm.prompt,
         "system_prompt": llm.system_prompt,
