@@ -116,7 +116,7 @@ class ProjectorConfig:
     # with more keeps the most certain (lowest blank probability); null = no budget
     ctc_max_tokens_per_second: float | None = None
     # with ctc_compression: spikes (the LLM reads each emission's own audio tokens, blanks dropped) or
-    # segments (every audio token pooled into its nearest emission: nothing dropped, same count)
+    # segments (every audio token pooled into its nearest emission, weighted by 1 - P(blank): same count)
     ctc_pooling: str = "spikes"
 
 

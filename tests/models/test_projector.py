@@ -203,7 +203,7 @@ def test_merge_ctc_spikes_budget_keeps_the_most_certain_tokens_in_order():
         kept, kept_mask = merge_ctc_spikes(embeds, mask, labels, blank, log_blank, torch.tensor([budget]))
         assert kept_mask.tolist() == [[1] * len(groups)]
         torch.testing.assert_close(kept[0], unlimited[0, groups])
-    with pytest.raises(ValueError, match="go together"):
+    with pytest.raises(ValueError, match="needs log_blank"):
         merge_ctc_spikes(embeds, mask, labels, blank, max_tokens=torch.tensor([1]))
 
 
@@ -214,20 +214,28 @@ def test_merge_ctc_spikes_segments_pool_every_audio_token_into_its_nearest_emiss
     # sample 0: emissions "4 4" (frames 1-2), 5 (frame 5), 7 (frame 7); the gap 3-4 splits at its
     # midpoint (frame 3 ties and goes to the earlier), frame 6 ties between 5 and 7 and goes to 5
     labels = torch.tensor([[blank, 4, 4, blank, blank, 5, blank, 7], [blank] * 3 + [3] * 5])
-    merged, merged_mask = merge_ctc_spikes(embeds, mask, labels, blank, pooling="segments")
+    p_blank = torch.tensor([[0.9, 0.2, 0.4, 0.5, 0.99, 0.3, 0.7, 0.05], [0.9] * 8])
+    log_blank = p_blank.log()
+    merged, merged_mask = merge_ctc_spikes(embeds, mask, labels, blank, log_blank, pooling="segments")
     spikes, _ = merge_ctc_spikes(embeds, mask, labels, blank)
     assert merged_mask.tolist() == [[1, 1, 1], [1, 0, 0]]  # the same count as spikes
+
+    def weighted(frames: list[int]) -> torch.Tensor:  # the mean weighted by 1 - P(blank)
+        weight = 1 - p_blank[0, frames, None]
+        return (embeds[0, frames] * weight).sum(0) / weight.sum()
+
     for row, frames in enumerate([[0, 1, 2, 3], [4, 5, 6], [7]]):
-        torch.testing.assert_close(merged[0, row], embeds[0, frames].mean(0))
+        torch.testing.assert_close(merged[0, row], weighted(frames))
     torch.testing.assert_close(merged[1, 0], spikes[1, 0])  # no emission: the mean of its audio
     # with a budget of 2 the least certain emission (5) is dropped and its frames go to its neighbours
-    log_blank = torch.tensor([[0.0, -2.0, -1.0, 0.0, 0.0, -0.1, 0.0, -3.0]] * 2)
     kept, kept_mask = merge_ctc_spikes(
         embeds, mask, labels, blank, log_blank, torch.tensor([2, 2]), pooling="segments"
     )
     assert kept_mask.tolist() == [[1, 1], [1, 0]]
-    torch.testing.assert_close(kept[0, 0], embeds[0, :5].mean(0))  # frames 0-4: the cut at (2 + 7) // 2
-    torch.testing.assert_close(kept[0, 1], embeds[0, 5:].mean(0))
+    torch.testing.assert_close(kept[0, 0], weighted([0, 1, 2, 3, 4]))  # the cut at (2 + 7) // 2
+    torch.testing.assert_close(kept[0, 1], weighted([5, 6, 7]))
+    with pytest.raises(ValueError, match="pass log_blank"):
+        merge_ctc_spikes(embeds, mask, labels, blank, pooling="segments")
     with pytest.raises(ValueError, match="pooling"):
         merge_ctc_spikes(embeds, mask, labels, blank, pooling="mean")
 

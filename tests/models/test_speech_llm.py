@@ -667,10 +667,10 @@ def test_ctc_segment_pooling_keeps_the_count_and_reads_every_audio_token(sources
     model.config.ctc_pooling = "segments"
     segments = model.embed_audio(feats, mask)
     assert torch.equal(segments.counts, spikes.counts)
-    best = head.best_path(segments.projected, table, model.config.ctc_blank_threshold)
+    best, log_blank = head.emissions(segments.projected, table, model.config.ctc_blank_threshold)
     assert (best[0] == table.shape[0]).any() and (best[0] != table.shape[0]).any()
     expected, _ = merge_ctc_spikes(
-        segments.projected, segments.projected_mask, best, table.shape[0], pooling="segments"
+        segments.projected, segments.projected_mask, best, table.shape[0], log_blank, pooling="segments"
     )
     torch.testing.assert_close(segments.embeds, expected)
     assert not torch.allclose(segments.embeds, spikes.embeds)  # the blanks' audio tokens count here

@@ -307,16 +307,20 @@ def merge_ctc_spikes(
 
     ``pooling``: ``spikes`` keeps the mean of each emission's own audio tokens and drops the blanks;
     ``segments`` gives every audio token to the nearest kept emission (ties to the earlier) and keeps
-    the mean of each one's share, so what CTC calls blank, a word it misses included, still reaches the
-    LLM inside a neighbour (Gaido et al., 2021, average rather than select).
+    the mean of each one's share weighted by ``1 - P(blank)`` (``log_blank`` needed), so a word CTC
+    misses still reaches the LLM inside a neighbour, in proportion to how likely CTC found a token
+    there (Gaido et al., 2021, average rather than select); a plain mean mixed so much silence in that
+    the LLM trained on single audio tokens read 0.83 WER, against 0.37 for ``spikes`` (issue 12).
 
-    ``max_tokens (B,)`` with ``log_blank (B, A)``: a sample left with more emissions than its budget keeps
+    ``max_tokens (B,)`` needs ``log_blank (B, A)``: a sample left with more emissions than its budget keeps
     the most certain ones (lowest ``log P(blank)`` of their audio tokens), in their order.
     """
-    if (log_blank is None) != (max_tokens is None):
-        raise ValueError("merge_ctc_spikes: max_tokens and log_blank go together")
+    if max_tokens is not None and log_blank is None:
+        raise ValueError("merge_ctc_spikes: max_tokens needs log_blank")
     if pooling not in CTC_POOLING:
         raise ValueError(f"merge_ctc_spikes: pooling '{pooling}' is not one of {CTC_POOLING}")
+    if pooling == "segments" and log_blank is None:
+        raise ValueError("merge_ctc_spikes: segments pooling weighs by P(blank): pass log_blank")
     rows: list[torch.Tensor] = []
     for index, (sample, length, best) in enumerate(zip(embeds, mask.sum(1).tolist(), labels, strict=True)):
         sample, best = sample[:length], best[:length]
@@ -339,7 +343,9 @@ def merge_ctc_spikes(
         if pooling == "segments":
             first = kept[starts][chosen]
             last = kept.new_zeros(groups).scatter_reduce(0, group, kept, reduce="amax")[chosen]
-            rows.append(_mean_by(sample, _nearest(first, last, length)))
+            owner = _nearest(first, last, length)
+            weight = -torch.expm1(log_blank[index, :length])[:, None]  # 1 - P(blank)
+            rows.append(_mean_by(sample * weight, owner) / _mean_by(weight, owner).clamp(min=1e-6))
         else:
             rows.append(_mean_by(sample[kept], group)[chosen])
     width = max(1, max(len(r) for r in rows))

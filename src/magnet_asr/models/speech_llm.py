@@ -98,7 +98,7 @@ class SpeechLLMConfig(PretrainedConfig):
     ctc_max_tokens_per_second: with ``ctc_compression``, a budget of ``max(1, floor(rate x seconds))``
         audio tokens per utterance; one with more keeps its most certain (None: no budget).
     ctc_pooling: with ``ctc_compression``, ``spikes`` (each emission's own audio tokens, blanks dropped) or
-        ``segments`` (every audio token pooled into its nearest emission; same count, nothing dropped).
+        ``segments`` (every audio token pooled into its nearest emission, weighted by ``1 - P(blank)``).
     prompt: :meth:`ChatPrompt.to_dict` (the rendered template ids; training and inference share it).
     decoding: defaults of ``models/speech_llm_generation.DecodeSettings`` (``num_beams``, token caps,
         ``repetition_penalty``, ``loop_guard``...). A dict: transformers reserves those names at top level.
@@ -555,14 +555,16 @@ class SpeechLLM(PreTrainedModel):
         )
         if self.config.ctc_compression and compress and head is not None:
             table, threshold = self._token_table(), self.config.ctc_blank_threshold
-            rate = self.config.ctc_max_tokens_per_second
-            if rate is None:  # log P(blank) over the whole vocabulary only where a budget needs it
-                best, log_blank, budget = head.best_path(projected, table, threshold), None, None
+            rate, pooling = self.config.ctc_max_tokens_per_second, self.config.ctc_pooling
+            best, log_blank, budget = None, None, None
+            if rate is None and pooling == "spikes":  # log P(blank) over the vocabulary only where needed
+                best = head.best_path(projected, table, threshold)
             else:
                 best, log_blank = head.emissions(projected, table, threshold)
+            if rate is not None:
                 budget = (mel_frames * rate / FRAMES_PER_SECOND).floor().long()
             embeds, mask = merge_ctc_spikes(
-                projected, projected_mask, best, table.shape[0], log_blank, budget, self.config.ctc_pooling
+                projected, projected_mask, best, table.shape[0], log_blank, budget, pooling
             )
         frames_before = enc.frames_before
         return AudioEmbeddings(
