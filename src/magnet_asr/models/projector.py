@@ -321,6 +321,8 @@ def merge_ctc_spikes(
         raise ValueError(f"merge_ctc_spikes: pooling '{pooling}' is not one of {CTC_POOLING}")
     if pooling == "segments" and log_blank is None:
         raise ValueError("merge_ctc_spikes: segments pooling weighs by P(blank): pass log_blank")
+    # segments: each audio token counts by 1 - P(blank)
+    weights = -torch.expm1(log_blank) if pooling == "segments" and log_blank is not None else None
     rows: list[torch.Tensor] = []
     for index, (sample, length, best) in enumerate(zip(embeds, mask.sum(1).tolist(), labels, strict=True)):
         sample, best = sample[:length], best[:length]
@@ -340,11 +342,10 @@ def merge_ctc_spikes(
             )
             budget = max(int(max_tokens[index]), 1)
             chosen = certainty.topk(budget, largest=False).indices.sort().values
-        if pooling == "segments":
+        if weights is not None:
             first = kept[starts][chosen]
             last = kept.new_zeros(groups).scatter_reduce(0, group, kept, reduce="amax")[chosen]
-            owner = _nearest(first, last, length)
-            weight = -torch.expm1(log_blank[index, :length])[:, None]  # 1 - P(blank)
+            owner, weight = _nearest(first, last, length), weights[index, :length, None]
             rows.append(_mean_by(sample * weight, owner) / _mean_by(weight, owner).clamp(min=1e-6))
         else:
             rows.append(_mean_by(sample[kept], group)[chosen])

@@ -556,7 +556,8 @@ class SpeechLLM(PreTrainedModel):
         if self.config.ctc_compression and compress and head is not None:
             table, threshold = self._token_table(), self.config.ctc_blank_threshold
             rate, pooling = self.config.ctc_max_tokens_per_second, self.config.ctc_pooling
-            best, log_blank, budget = None, None, None
+            log_blank: torch.Tensor | None = None
+            budget: torch.Tensor | None = None
             if rate is None and pooling == "spikes":  # log P(blank) over the vocabulary only where needed
                 best = head.best_path(projected, table, threshold)
             else:
