@@ -343,10 +343,8 @@ def merge_ctc_spikes(
             budget = max(int(max_tokens[index]), 1)
             chosen = certainty.topk(budget, largest=False).indices.sort().values
         if weights is not None:
-            first = kept[starts][chosen]
-            last = kept.new_zeros(groups).scatter_reduce(0, group, kept, reduce="amax")[chosen]
-            owner, weight = _nearest(first, last, length), weights[index, :length, None]
-            rows.append(_mean_by(sample * weight, owner) / _mean_by(weight, owner).clamp(min=1e-6))
+            first, last = kept[starts][chosen], kept[starts.roll(-1)][chosen]  # a group ends before a start
+            rows.append(_mean_by(sample, _nearest(first, last, length), weights[index, :length]))
         else:
             rows.append(_mean_by(sample[kept], group)[chosen])
     width = max(1, max(len(r) for r in rows))
@@ -358,11 +356,15 @@ def merge_ctc_spikes(
     return out, out_mask
 
 
-def _mean_by(rows: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-    """The mean of ``rows (N, H)`` per ``owner (N,)`` index ``0..max`` (each index owns at least one row)."""
-    count = int(owner[-1]) + 1 if len(owner) else 0
-    sums = rows.new_zeros(count, rows.shape[1]).index_add(0, owner, rows)
-    return sums / torch.bincount(owner, minlength=count)[:, None].to(rows.dtype)
+def _mean_by(rows: torch.Tensor, owner: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of ``rows (N, H)`` per ``owner (N,)`` index (sorted, ``0..max``, each owning a row),
+    weighted by ``weight (N,)`` if given."""
+    count = int(owner[-1]) + 1
+    if weight is None:
+        sums = rows.new_zeros(count, rows.shape[1]).index_add(0, owner, rows)
+        return sums / torch.bincount(owner, minlength=count)[:, None].to(rows.dtype)
+    sums = rows.new_zeros(count, rows.shape[1]).index_add(0, owner, rows * weight[:, None])
+    return sums / weight.new_zeros(count).index_add(0, owner, weight).clamp(min=1e-6)[:, None]
 
 
 def _nearest(first: torch.Tensor, last: torch.Tensor, length: int) -> torch.Tensor:
