@@ -65,6 +65,11 @@ def test_demo_configs_compose_to_speech_llm_runs():
     assert compressed.compressor.enabled and compressed.compressor.target == "phoneme"
     # 50 frames/s -> ~11 phoneme segments/s -> stack 2: ~5.5 audio tokens/s against the baseline's 12.5/s
     assert compressed.projector.stack == 2 and 50 / base.projector.stack == 12.5
+    # LoRA on every linear layer of the base's blocks; the compressed variant keeps the attention-only
+    # LoRA it was measured with
+    mlp = {"gate_proj", "up_proj", "down_proj"}
+    assert mlp < set(base.llm.lora_target_modules) and base.llm.lora_rank == 16
+    assert not mlp & set(compressed.llm.lora_target_modules) and compressed.llm.lora_rank == 8
     # both align the projector with CTC first; the compressed variant keeps the encoder and warm-up it
     # was measured with
     assert base.projector.ctc_warmup_steps == 3000 and base.encoder.name == "whisper-base"
@@ -154,8 +159,10 @@ def test_magnet_trainer_trains_evaluates_and_saves_a_speech_llm(whisper_window_s
         evaluation_figures=setup.evaluation_figures,
     )
     projector_before = model.projector.linear_in.weight.detach().clone()
+    mlp_adapter = next(p for n, p in model.named_parameters() if "down_proj.lora_B" in n)
     trainer.train()
     assert not torch.equal(projector_before, model.projector.linear_in.weight)
+    assert mlp_adapter.abs().sum() > 0  # the demo's LoRA reaches the MLPs (zero-initialised B), and trains
     assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {5e-4, 1e-3}
     assert len(model.encoder_cache.entries) == 4  # frozen encoder, no predictor: cached after epoch 1
     logged = [h for h in trainer.state.log_history if "loss" in h]
