@@ -26,7 +26,7 @@ overrides() {
     "+experiments=speech_llm_demo" "encoder=whisper_base" "training=gpu" "run_name=gpu_check" \
     "training.max_steps=$STEPS" "training.per_device_batch_size=16" "training.max_batch_seconds=120" \
     "training.warmup_steps=5" "training.eval_steps=0" "training.save_steps=$STEPS" "training.logging_steps=10" \
-    "training.report_to=[]" "projector.ctc_warmup_steps=200" \
+    "training.report_to=[]" "projector.ctc_warmup_steps=200" "llm.finetune=lora" "training.learning_rate=3e-4" \
     "data.train=[$train]" "data.validation=[$held_out]" "data.test=[$held_out]" "data.max_eval_utterances=100"
 }
 

@@ -227,6 +227,9 @@ class TrainingConfig:
     # of the one with the best validation WER (training.averaging, issue 12); 0 or 1: off. It needs
     # save_steps a multiple of eval_steps and save_total_limit >= N + 1 (the best one is kept besides)
     average_checkpoints: int = 0
+    # Hugging Face's: final/ holds the checkpoint with the best validation WER; false: the last step's
+    # (validation still runs), where the validation set is too small to pick a step by (issue 15)
+    load_best_model_at_end: bool = True
     resume_from_checkpoint: str | None = None  # path, or `auto` for the newest complete checkpoint
     # a saved model directory (runs/NAME/final) whose tensors start this run, where the names and shapes
     # match (training.builders.initialize_from): a compressed student starts where its uncompressed teacher

@@ -14,6 +14,9 @@ def test_a_speech_llm_card_names_both_base_models_by_hub_name():
     card = model_card(cfg, RESULTS, "magnet-asr train +experiments=speech_llm_demo", steps=600)
     assert card.startswith("---\nlibrary_name: magnet-asr\n")
     assert "- HuggingFaceTB/SmolLM2-135M-Instruct\n" in card and "SpeechLLM" in card
+    assert "LLM fine-tuned in full" in card  # llm.finetune=full
+    lora = load_run_config(["+experiments=speech_llm_demo_compressed"])
+    assert "LLM with LoRA" in model_card(lora, RESULTS, None, steps=600)
     assert "| asterisk test | 0.0412 | 0.0200 | 3.0100 | 47 |" in card
     assert "- Steps: 600 " in card and "`magnet-asr train +experiments=speech_llm_demo`" in card
     assert "mean of the checkpoints" not in card

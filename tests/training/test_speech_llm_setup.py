@@ -11,6 +11,7 @@ import torch
 
 from cli_helpers import run_pipeline
 from magnet_asr.schema import load_run_config
+from magnet_asr.training.recipe import _training_arguments
 from magnet_asr.training.speech_llm import setup_speech_llm, speech_llm_settings
 
 
@@ -50,6 +51,7 @@ def _config(sources, experiment: str, *extra: str):
             f"encoder.name={whisper}",
             f"llm.name={llm}",
             "llm.prompt=transcribe the audio .",
+            "llm.finetune=lora",  # the tiny tests exercise the LoRA path; full fine-tuning below
             "llm.lora_rank=4",
             "projector.hidden_size=48",
             *extra,
@@ -61,12 +63,17 @@ def test_demo_configs_compose_to_speech_llm_runs():
     base = load_run_config(["+experiments=speech_llm_demo"])
     compressed = load_run_config(["+experiments=speech_llm_demo_compressed"])
     assert base.model == compressed.model == "speech_llm" and base.encoder.freeze
-    assert base.projector.stack == 4 and not base.compressor.enabled and base.llm.finetune == "lora"
+    assert base.projector.stack == 4 and not base.compressor.enabled and base.llm.finetune == "full"
+    assert compressed.llm.finetune == "lora" and compressed.training.learning_rate == 3e-4
+    # the base keeps its last step (a 23-prompt validation is too noisy to pick by); the compressed
+    # variant the best-validated one it was measured with
+    assert not _training_arguments(base, Path("runs")).load_best_model_at_end
+    assert _training_arguments(compressed, Path("runs")).load_best_model_at_end
     assert compressed.compressor.enabled and compressed.compressor.target == "phoneme"
     # 50 frames/s -> ~11 phoneme segments/s -> stack 2: ~5.5 audio tokens/s against the baseline's 12.5/s
     assert compressed.projector.stack == 2 and 50 / base.projector.stack == 12.5
-    # LoRA on every linear layer of the base's blocks; the compressed variant keeps the attention-only
-    # LoRA it was measured with
+    # LoRA (llm.finetune=lora) on every linear layer of the base's blocks; the compressed variant keeps
+    # the attention-only LoRA it was measured with
     mlp = {"gate_proj", "up_proj", "down_proj"}
     assert mlp < set(base.llm.lora_target_modules) and base.llm.lora_rank == 16
     assert not mlp & set(compressed.llm.lora_target_modules) and compressed.llm.lora_rank == 8
@@ -290,6 +297,7 @@ from accelerate import Accelerator
 from magnet_asr.data.collator import SpeechDataset
 from magnet_asr.data.manifest import read_manifest
 from magnet_asr.schema import load_run_config
+from magnet_asr.training.recipe import _training_arguments
 from magnet_asr.training.recipe import weights_checksum
 from magnet_asr.training.speech_llm import ctc_warmup, setup_speech_llm
 

@@ -48,6 +48,9 @@ def _results_table(test: dict[str, dict[str, Any]]) -> list[str]:
     return rows
 
 
+LLM_TRAINING = {"lora": "LLM with LoRA", "full": "LLM fine-tuned in full", "frozen": "frozen LLM"}
+
+
 def model_card(cfg: Any, results: dict[str, Any], command: str | None, steps: int) -> str:
     """The card's text for run config ``cfg``, its ``results`` (``results.json``: ``test`` per data spec),
     the ``command`` that trained it (None: not known, e.g. a run started from Python) and ``steps`` done."""
@@ -55,7 +58,7 @@ def model_card(cfg: Any, results: dict[str, Any], command: str | None, steps: in
     family = (
         "MagnetWhisper (Whisper with learned boundary compression)"
         if cfg.model == "magnet_whisper"
-        else ("SpeechLLM (frozen Whisper encoder, audio projector, LLM with LoRA)")
+        else f"SpeechLLM (frozen Whisper encoder, audio projector, {LLM_TRAINING[cfg.llm.finetune]})"
     )
     compressor = (
         f"boundary predictor(s) at encoder layer(s) {list(cfg.compressor.layers)}, target "

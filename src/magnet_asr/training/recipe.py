@@ -152,7 +152,9 @@ def _training_arguments(cfg: Any, output_dir: Path):
         save_total_limit=t.save_total_limit,
         metric_for_best_model=SELECTION_METRIC,
         greater_is_better=False,
-        load_best_model_at_end=bool(t.eval_steps) and t.save_steps % max(t.eval_steps, 1) == 0,
+        load_best_model_at_end=t.load_best_model_at_end
+        and bool(t.eval_steps)
+        and t.save_steps % max(t.eval_steps, 1) == 0,
         report_to=list(t.report_to),
         remove_unused_columns=False,
         dataloader_num_workers=cfg.data.num_workers,
