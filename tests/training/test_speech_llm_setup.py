@@ -299,7 +299,6 @@ from accelerate import Accelerator
 from magnet_asr.data.collator import SpeechDataset
 from magnet_asr.data.manifest import read_manifest
 from magnet_asr.schema import load_run_config
-from magnet_asr.training.recipe import _training_arguments
 from magnet_asr.training.recipe import weights_checksum
 from magnet_asr.training.speech_llm import ctc_warmup, setup_speech_llm
 
