@@ -46,6 +46,7 @@ def speech_llm_overrides(tiny_whisper_dir, tiny_llm_dir, manifest, out_dir, trai
         "+experiments=speech_llm_demo",
         *train_args(tiny_whisper_dir, manifest, out_dir),
         f"llm.name={tiny_llm_dir}",
+        "llm.finetune=lora",  # FSDP over PEFT's wrapping, as the GPU check runs it
         "projector.hidden_size=32",
         "projector.ctc_warmup_steps=0",
         "training.warmup_steps=0",
