@@ -124,6 +124,9 @@ class ProjectorConfig:
 class LLMConfig:
     name: str = "smollm2-135m-instruct"
     finetune: str = "lora"  # lora | full | frozen
+    # with finetune=full: the token embedding table and the output head (tied on SmolLM2) stay as
+    # pretrained; LoRA and frozen never train them
+    freeze_embeddings: bool = False
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05

@@ -238,6 +238,29 @@ def test_finetune_modes_set_what_trains(sources):
     assert not any("lora_" in n for n, _ in frozen.named_parameters())
 
 
+def test_full_finetune_with_frozen_embeddings_trains_all_but_the_vocabulary_tables(sources, tmp_path):
+    from safetensors import safe_open
+
+    model = randomize(build(sources, llm_finetune="full", llm_freeze_embeddings=True)).train()
+    table = model.llm.get_input_embeddings().weight
+    assert table is model.llm.get_output_embeddings().weight  # tied, so both names stay pretrained
+    out = model(*ragged()[:2], labels=padded(response_ids(model, ["a cat", "the dog sat", "yes"])))
+    out.loss.backward()
+    assert not table.requires_grad and table.grad is None
+    layers = [p for n, p in model.llm.named_parameters() if ".layers." in n]
+    assert layers and all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in layers)
+    model.eval().save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert "llm.model.layers.0.mlp.up_proj.weight" in saved
+    assert not saved & {"llm.model.embed_tokens.weight", "llm.lm_head.weight"}
+    loaded = SpeechLLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.llm.get_input_embeddings().weight, table)
+    assert loaded.llm.get_output_embeddings().weight is loaded.llm.get_input_embeddings().weight
+    feats, mask, _ = ragged()
+    torch.testing.assert_close(loaded(feats, mask).logits, model(feats, mask).logits, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     "settings",
     [WITH_PREDICTOR, {"llm_finetune": "full"}, {"projector_num_layers": 1, "projector_num_heads": 4}],

@@ -87,6 +87,8 @@ class SpeechLLMConfig(PretrainedConfig):
     encoder_train_layers: with ``freeze_encoder`` and no predictors, the top N encoder layers and the final
         layer norm train too; the layers below stay frozen, and their output is what the cache holds.
     llm_finetune: ``lora`` | ``full`` | ``frozen``; ``lora_*``: the peft ``LoraConfig``.
+    llm_freeze_embeddings: with ``full``, the LLM's input token embeddings and output head keep their
+        pretrained weights (not trained, not saved); ``lora`` and ``frozen`` never train them.
     projector_*: :class:`AudioProjector` settings (``projector_stack`` = k).
     ctc_loss_weight: weight of the auxiliary CTC loss of the audio tokens against the LLM's token
         embeddings (:class:`~magnet_asr.models.projector.EmbeddingCTCHead`); 0 = no CTC head.
@@ -115,6 +117,7 @@ class SpeechLLMConfig(PretrainedConfig):
         encoder_train_layers: int = 0,
         llm_name: str | None = None,
         llm_finetune: str = "lora",
+        llm_freeze_embeddings: bool = False,
         lora_rank: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.05,
@@ -144,6 +147,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.encoder_train_layers = int(encoder_train_layers)
         self.llm_name = llm_name
         self.llm_finetune = llm_finetune
+        self.llm_freeze_embeddings = bool(llm_freeze_embeddings)
         self.lora_rank = int(lora_rank)
         self.lora_alpha = int(lora_alpha)
         self.lora_dropout = float(lora_dropout)
@@ -411,6 +415,16 @@ def _token_embedding_rms(llm: PreTrainedModel) -> float:
         return embedding_rms(embed(ids))
 
 
+def _embedding_keys(llm: nn.Module) -> frozenset[str]:
+    """State-dict keys (under ``llm.``) of the LLM's input token embeddings and output head, every name
+    of a tied table included."""
+    tables = [llm.get_input_embeddings(), llm.get_output_embeddings()]  # type: ignore[operator]
+    ids = {id(m.weight) for m in tables if m is not None}
+    return frozenset(
+        f"llm.{name}" for name, p in llm.named_parameters(remove_duplicate=False) if id(p) in ids
+    )
+
+
 class SpeechLLM(PreTrainedModel):
     """Whisper encoder + :class:`AudioProjector` + causal LM; see the module docstring."""
 
@@ -445,6 +459,7 @@ class SpeechLLM(PreTrainedModel):
             output_scale=_token_embedding_rms(self.llm),
             ctc=config.ctc_loss_weight > 0,
         )
+        self._embedding_keys = _embedding_keys(self.llm)
         self.prompt = ChatPrompt.from_dict(config.prompt)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.llm.forward).parameters
         cacheable = config.freeze_encoder and not config.predictor_layers and config.encoder_cache_gb > 0
@@ -483,7 +498,9 @@ class SpeechLLM(PreTrainedModel):
             )
         if name.startswith("llm."):
             mode = self.config.llm_finetune
-            return mode == "full" or (mode == "lora" and "lora_" in name)
+            if mode == "full":
+                return not (self.config.llm_freeze_embeddings and name in self._embedding_keys)
+            return mode == "lora" and "lora_" in name
         return False
 
     def set_trainable(self) -> None:

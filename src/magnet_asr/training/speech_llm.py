@@ -50,6 +50,7 @@ def speech_llm_settings(cfg: Any) -> dict[str, Any]:
         "freeze_encoder": bool(cfg.encoder.freeze),
         "encoder_train_layers": int(cfg.encoder.train_layers),
         "llm_finetune": llm.finetune,
+        "llm_freeze_embeddings": bool(llm.freeze_embeddings),
         "lora_rank": llm.lora_rank,
         "lora_alpha": llm.lora_alpha,
         "lora_dropout": llm.lora_dropout,
