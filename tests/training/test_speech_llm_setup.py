@@ -462,3 +462,9 @@ def test_init_from_refuses_another_architecture_and_a_missing_directory(sources,
         initialize_from(wider, str(tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="training.init_from"):
         initialize_from(wider, str(tmp_path / "nowhere"))
+    # a fully fine-tuned run's embedding table would be loaded into a frozen one and lost at the next save
+    full = setup_speech_llm(_config(sources, "speech_llm_demo", "llm.finetune=full")).model
+    full.save_pretrained(str(tmp_path / "full"))
+    frozen = _config(sources, "speech_llm_demo", "llm.finetune=full", "llm.freeze_embeddings=true")
+    with pytest.raises(ValueError, match=r"init_from .*keeps frozen.*embed_tokens"):
+        initialize_from(setup_speech_llm(frozen).model, str(tmp_path / "full"))

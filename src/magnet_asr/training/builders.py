@@ -198,6 +198,13 @@ def initialize_from(model: torch.nn.Module, directory: str) -> dict[str, Any]:
                 f"training.init_from {directory}: {key} is {tuple(tensor.shape)} there, "
                 f"{tuple(own[key].shape)} in this model"
             )
+    is_saved_key = getattr(model, "is_saved_key", None)  # SpeechLLM saves only what it trains
+    frozen = sorted(k for k in saved if is_saved_key is not None and not is_saved_key(k))
+    if frozen:  # loaded into a frozen part, it would be used in training but lost at the next save
+        raise ValueError(
+            f"training.init_from {directory}: tensors trained there that this model keeps frozen "
+            f"(is llm.finetune, llm.freeze_embeddings or encoder.train_layers different?): {frozen[:3]}"
+        )
     model.load_state_dict(saved, strict=False)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     fresh = [n for n in trained if n not in saved]
