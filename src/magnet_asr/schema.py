@@ -143,6 +143,10 @@ class LLMConfig:
     # transcribe clips longer than this in windows cut at pauses (null: the encoder's 30 s); see
     # models/speech_llm_generation.DecodeSettings
     max_window_seconds: float | None = None
+    # joint CTC / LLM beam search (models/ctc_prefix_score.py): each hypothesis scored
+    # (1 - ctc_weight) * LLM + ctc_weight * the CTC head's prefix score; needs projector.ctc_loss_weight > 0
+    ctc_weight: float = 0.0
+    ctc_pre_beam: int | None = None  # next tokens scored by CTC per hypothesis; null: 1.5 x num_beams
 
 
 @dataclass

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import nn
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -616,6 +617,48 @@ def test_ctc_loss_is_added_with_its_weight_and_trains_only_the_projector(sources
     assert build(sources).projector.ctc_head is None
     with pytest.raises(ValueError, match="ctc_loss_weight"):
         build(sources, ctc_loss_weight=-1.0)
+
+
+def _ctc_log_likelihood(model: SpeechLLM, audio, rows) -> list[float]:
+    """log P_ctc(tokens | audio) of each sample's transcript tokens, summed over alignments."""
+    table = model.llm.get_input_embeddings().weight
+    log_probs = model.projector.ctc_head.logits(audio.projected, table).double().log_softmax(-1)
+    tokens = [[t for t in row if t != model.prompt.pad_id] for row in rows.tolist()]
+    return (
+        -nn.functional.ctc_loss(
+            log_probs.transpose(0, 1),
+            torch.tensor([t for row in tokens for t in row], dtype=torch.long),
+            audio.projected_mask.sum(1),
+            torch.tensor([len(row) for row in tokens]),
+            blank=table.shape[0],
+            reduction="none",
+        )
+    ).tolist()
+
+
+def test_joint_ctc_decoding_follows_the_ctc_head_and_is_batch_invariant(sources):
+    """Joint CTC / LLM beam search (decoding ctc_weight): with the CTC weight at 0.9 the transcripts CTC
+    scores higher than plain beam search's; a sample decodes the same alone and in a padded batch."""
+    model = randomize(build(sources, ctc_loss_weight=1.0)).double()
+    with torch.no_grad():  # a CTC head sure of its tokens, so its scores differ from the random LLM's
+        model.projector.ctc_head.log_scale.fill_(math.log(30.0))
+    feats, mask, singles = ragged()
+    feats = feats.double()
+    audio = model.embed_audio(feats, mask)
+    settings = {"num_beams": 3, "ctc_weight": 0.9, "ctc_pre_beam": len(tiny_tokenizer())}
+    plain = model.generate(feats, mask, num_beams=3)
+    joint = model.generate(feats, mask, **settings)
+    plain_score, joint_score = (
+        _ctc_log_likelihood(model, audio, plain),
+        _ctc_log_likelihood(model, audio, joint),
+    )
+    assert all(j >= p - 1e-9 for j, p in zip(joint_score, plain_score))
+    assert sum(joint_score) > sum(plain_score) + 1.0
+    for i, single in enumerate(singles):
+        alone = model.generate(single.double(), **settings)[0].tolist()
+        assert joint[i].tolist()[: len(alone)] == alone
+    with pytest.raises(ValueError, match="needs the CTC head"):
+        build(sources, decoding={"ctc_weight": 0.3})
 
 
 def test_ctc_compression_passes_the_llm_one_token_per_emitted_label(sources):

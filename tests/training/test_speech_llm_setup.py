@@ -101,6 +101,9 @@ def test_demo_configs_compose_to_speech_llm_runs():
     # it also passes the tokens where CTC's blank is unsure, and the model is built with that setting
     assert speech_llm_settings(ctc)["ctc_blank_threshold"] == ctc.projector.ctc_blank_threshold == 0.85
     assert base.projector.ctc_blank_threshold is None
+    # the base and its CTC student decode with joint CTC / LLM beam search, saved in the model's config
+    assert base.llm.ctc_weight == ctc.llm.ctc_weight == 0.2 and compressed.llm.ctc_weight == 0.0
+    assert speech_llm_settings(base)["decoding"]["ctc_weight"] == 0.2
 
 
 def test_setup_builds_the_configured_model(sources):

@@ -37,6 +37,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from magnet_asr.models.ctc_prefix_score import CTCEmissions
+
 __all__ = [
     "CTC_POOLING",
     "AudioProjector",
@@ -256,6 +258,17 @@ class EmbeddingCTCHead(nn.Module):
         logits = self.logits(embeds, table)
         log_blank = _log_blank(logits)
         return _best_path(logits, blank_threshold, log_blank), log_blank
+
+    @torch.no_grad()
+    def search_emissions(self, embeds: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> CTCEmissions:
+        """This head's log-probabilities for audio tokens ``embeds (B, A, H)`` with ``mask (B, A)``, in the
+        form beam search asks them (:class:`~magnet_asr.models.ctc_prefix_score.CTCEmissions`): the
+        normalizer over the whole table is computed one sample at a time, the rest per candidate."""
+        classes = nn.functional.normalize(torch.cat([table, self.blank[None]]).float(), dim=-1)
+        audio = nn.functional.normalize(embeds.float(), dim=-1)
+        scale = float(self.log_scale.clamp(max=math.log(100.0)).exp())
+        log_norm = torch.stack([(scale * row @ classes.T).logsumexp(-1) for row in audio])
+        return CTCEmissions(audio, classes, scale, log_norm, mask.sum(1))
 
     @torch.no_grad()
     def greedy(self, embeds: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> list[list[int]]:

@@ -35,6 +35,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from magnet_asr.audio import FRAMES_PER_SECOND
 from magnet_asr.data.collator import IGNORE_INDEX
+from magnet_asr.models.ctc_prefix_score import CTCEmissions
 from magnet_asr.models.encoder import MagnetEncoderOutput, MagnetWhisperEncoder
 from magnet_asr.models.processing_speech_llm import DEFAULT_INSTRUCTION, ChatPrompt
 from magnet_asr.models.projector import CTC_POOLING, AudioProjector, embedding_rms, merge_ctc_spikes
@@ -196,7 +197,9 @@ class SpeechLLMConfig(PretrainedConfig):
             raise ValueError(f"ctc_pooling: '{self.ctc_pooling}' is not one of {CTC_POOLING}")
         from magnet_asr.models.speech_llm_generation import DecodeSettings
 
-        DecodeSettings.from_config(self)  # unknown or invalid decoding keys fail here, not at decode time
+        decoding = DecodeSettings.from_config(self)  # unknown or invalid keys fail here, not at decode time
+        if decoding.ctc_weight > 0 and self.ctc_loss_weight <= 0:
+            raise ValueError("decoding ctc_weight > 0 needs the CTC head: set ctc_loss_weight > 0")
 
     @property
     def predictor_layers(self) -> list[int]:
@@ -230,15 +233,25 @@ class AudioEmbeddings:
         return self.mask.sum(1)
 
     def select(self, rows: list[int]) -> AudioEmbeddings:
-        """The samples ``rows``, trimmed to their longest audio-token count."""
+        """The samples ``rows``, trimmed to their longest audio-token count (``projected`` to its own)."""
         index = torch.tensor(rows, device=self.mask.device)
-        width = max(int(self.counts[index].max()), 1) if rows else 1
+
+        def trimmed(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            width = max(int(mask[index].sum(1).max()), 1) if rows else 1
+            return embeds[index, :width], mask[index, :width]
+
+        projected = (
+            trimmed(self.projected, self.projected_mask)
+            if self.projected is not None and self.projected_mask is not None
+            else (None, None)
+        )
         return AudioEmbeddings(
-            self.embeds[index, :width],
-            self.mask[index, :width],
+            *trimmed(self.embeds, self.mask),
             self.frames_before[index],
             self.seconds[index],
             self.silent[index],
+            projected=projected[0],
+            projected_mask=projected[1],
         )
 
 
@@ -683,6 +696,18 @@ class SpeechLLM(PreTrainedModel):
     def _token_table(self) -> torch.Tensor:
         """The LLM's token embedding table ``(V, H)``: the classes of the CTC head."""
         return cast(nn.Embedding, self.llm.get_input_embeddings()).weight
+
+    def ctc_emissions(self, audio: AudioEmbeddings) -> CTCEmissions:
+        """The CTC head's outputs on ``audio``'s projector outputs (before any CTC compression), for joint
+        CTC / LLM decoding (``decoding["ctc_weight"]``, :mod:`magnet_asr.models.ctc_prefix_score`)."""
+        head = self.projector.ctc_head
+        if head is None:
+            raise ValueError(
+                "decoding ctc_weight > 0 needs a CTC head: this model has none (ctc_loss_weight 0)"
+            )
+        embeds = audio.projected if audio.projected is not None else audio.embeds
+        mask = audio.projected_mask if audio.projected_mask is not None else audio.mask
+        return head.search_emissions(embeds, mask, self._token_table())
 
     def ctc_loss(self, audio: AudioEmbeddings, responses: list[list[int]]) -> torch.Tensor | None:
         """Auxiliary CTC loss of the audio tokens on the transcript tokens (responses without their

@@ -22,9 +22,10 @@ from dataclasses import dataclass, fields
 from typing import Any, cast
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from magnet_asr.data.collator import pad_sequences
+from magnet_asr.models.ctc_prefix_score import CTCPrefixScorer
 from magnet_asr.text import MAX_NEW_TOKENS_FLOOR, MAX_NEW_TOKENS_PER_SECOND
 
 __all__ = [
@@ -44,6 +45,10 @@ class DecodeSettings:
     (:func:`magnet_asr.audio.pause_windows`, no piece longer than this), the pieces' texts joined; None:
     clips up to the encoder's limit (30 s) are read whole. An LLM fine-tuned on single utterances skips,
     repeats or stops early on a long clip of several (issue 15).
+
+    ``ctc_weight`` > 0: joint CTC / LLM decoding, each hypothesis scored ``(1 - w) * LLM + w * CTC``
+    (:mod:`magnet_asr.models.ctc_prefix_score`), the CTC term for the ``ctc_pre_beam`` best next tokens
+    of the LLM (None: ESPnet's 1.5 x ``num_beams``, at least 2).
     """
 
     num_beams: int = 1
@@ -54,12 +59,21 @@ class DecodeSettings:
     no_repeat_ngram_size: int = 0
     loop_guard: bool = True
     max_window_seconds: float | None = None
+    ctc_weight: float = 0.0
+    ctc_pre_beam: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_beams < 1 or self.max_new_tokens_floor < 1 or self.max_new_tokens_per_second < 0:
             raise ValueError(f"invalid decoding settings: {self}")
         if self.max_window_seconds is not None and self.max_window_seconds <= 0:
             raise ValueError(f"max_window_seconds must be > 0, got {self.max_window_seconds}")
+        if not 0.0 <= self.ctc_weight <= 1.0 or (self.ctc_pre_beam is not None and self.ctc_pre_beam < 1):
+            raise ValueError(f"ctc_weight must be in [0, 1] and ctc_pre_beam >= 1, got {self}")
+
+    @property
+    def pre_beam(self) -> int:
+        """Next tokens the CTC prefix score is computed for, per hypothesis."""
+        return self.ctc_pre_beam if self.ctc_pre_beam is not None else max(2, int(1.5 * self.num_beams))
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> DecodeSettings:
@@ -197,6 +211,17 @@ def generate_tokens(
         limits = settings.limits(subset.seconds.tolist())
         inputs = model.build_inputs(subset, padding_side="left")
         criteria = [SampleLengthLimit(limits)] + ([LoopGuard()] if settings.loop_guard else [])
+        processors = []
+        if settings.ctc_weight > 0:
+            processors.append(
+                CTCPrefixScorer(
+                    model.ctc_emissions(subset),
+                    settings.ctc_weight,
+                    settings.num_beams,
+                    model.prompt.stop_ids,
+                    settings.pre_beam,
+                )
+            )
         with warnings.catch_warnings():
             # n-gram constraints on the new tokens only, not the prompt of audio embeddings, is what
             # no_repeat_ngram_size means here; transformers warns about it on every call
@@ -206,6 +231,7 @@ def generate_tokens(
                 attention_mask=inputs.attention_mask,
                 generation_config=settings.generation_config(model.prompt, max(limits)),
                 stopping_criteria=StoppingCriteriaList(criteria),
+                logits_processor=LogitsProcessorList(processors),
                 synced_gpus=synced_gpus,
             )
         stops = {*model.prompt.stop_ids, model.prompt.pad_id}

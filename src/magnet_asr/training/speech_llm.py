@@ -39,6 +39,8 @@ def _decoding(cfg: Any) -> dict[str, Any]:
         "no_repeat_ngram_size": llm.no_repeat_ngram_size,
         "loop_guard": llm.loop_guard,
         "max_window_seconds": llm.max_window_seconds,
+        "ctc_weight": llm.ctc_weight,
+        "ctc_pre_beam": llm.ctc_pre_beam,
     }
 
 
