@@ -42,6 +42,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         out=args.out,
         decoding=_decoding(args, guards=args.guards),
+        speech_llm_decoding=_speech_llm_decoding(args),
     )
     print(summary_line({**summary, "model": args.model}))
     if args.out:
@@ -66,12 +67,17 @@ def _decoding(args: argparse.Namespace, guards: bool):
     return DecodingOptions(guards=guards, num_beams=args.num_beams)
 
 
+def _speech_llm_decoding(args: argparse.Namespace) -> dict[str, float] | None:
+    return None if args.ctc_weight is None else {"ctc_weight": args.ctc_weight}
+
+
 def _cmd_transcribe(args: argparse.Namespace) -> int:
     from magnet_asr.evaluation.run import transcribe_files
 
     failed = 0
     results = []
-    for item in transcribe_files(args.model, args.files, _decoding(args, guards=not args.no_guards)):
+    decoding = _decoding(args, guards=not args.no_guards)
+    for item in transcribe_files(args.model, args.files, decoding, _speech_llm_decoding(args)):
         if "error" in item:
             failed += 1
             print(f"error: {item['error']}", file=sys.stderr)
@@ -126,12 +132,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_beams(p: argparse.ArgumentParser) -> None:
+def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num-beams",
         type=int,
         default=1,
         help="beam search width (Whisper and MagnetWhisper; default greedy)",
+    )
+    p.add_argument(
+        "--ctc-weight",
+        type=float,
+        default=None,
+        help="SpeechLLM: joint CTC / LLM beam search at this weight, 0 for none (default: the model's own)",
     )
 
 
@@ -177,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode with temperature fallback and the no-speech check (off: greedy, as the README's tables)",
     )
-    _add_beams(p)
+    _add_decoding_options(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -198,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="plain greedy decoding: no temperature fallback, no empty transcript for silence or noise",
     )
-    _add_beams(p)
+    _add_decoding_options(p)
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_cmd_transcribe)
 

@@ -143,9 +143,7 @@ def test_unknown_or_empty_split_is_a_one_line_error(tmp_path, clips):
 
 
 def test_cli_eval_of_an_18_row_list(tmp_path, clips, monkeypatch, capsys):
-    monkeypatch.setattr(
-        "magnet_asr.evaluation.run.load_recognizer", lambda name, decoding=None: EchoRecognizer()
-    )
+    monkeypatch.setattr("magnet_asr.evaluation.run.load_recognizer", lambda name, **options: EchoRecognizer())
     out = tmp_path / "result.json"
     listing = write_list("tsv", clips, tmp_path)
     assert main(["eval", "--model", "echo", "--data", str(listing), "--out", str(out)]) == 0

@@ -661,6 +661,34 @@ def test_joint_ctc_decoding_follows_the_ctc_head_and_is_batch_invariant(sources)
         build(sources, decoding={"ctc_weight": 0.3})
 
 
+def test_eval_and_transcribe_take_a_ctc_weight_for_a_speech_llm_with_a_ctc_head(sources, tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+
+    from magnet_asr.cli import main
+    from magnet_asr.evaluation.decode import load_recognizer
+
+    tokenizer = prepare_tokenizer(tiny_tokenizer())
+    for name, settings in (("ctc", {"ctc_loss_weight": 1.0}), ("plain", {})):
+        build(sources, **settings).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    recognizer = load_recognizer(str(tmp_path / "ctc"), speech_llm_decoding={"ctc_weight": 0.4})
+    assert (
+        recognizer.decoding.ctc_weight == 0.4
+        and load_recognizer(str(tmp_path / "ctc")).decoding.ctc_weight == 0
+    )
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, np.random.default_rng(0).normal(0, 0.1, 8000).astype(np.float32), 16000)
+    assert main(["transcribe", "--model", str(tmp_path / "ctc"), "--ctc-weight", "0.4", str(clip)]) == 0
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="needs a CTC head"):
+        load_recognizer(str(tmp_path / "plain"), speech_llm_decoding={"ctc_weight": 0.4})
+    assert main(["transcribe", "--model", str(tmp_path / "plain"), "--ctc-weight", "0.4", str(clip)]) == 2
+    assert "needs a CTC head" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="SpeechLLM models only"):
+        load_recognizer(sources[0], speech_llm_decoding={"ctc_weight": 0.4})
+
+
 def test_ctc_compression_passes_the_llm_one_token_per_emitted_label(sources):
     model = randomize(build(sources, ctc_loss_weight=1.0, ctc_compression=True))
     feats, mask, singles = ragged()

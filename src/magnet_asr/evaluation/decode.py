@@ -371,9 +371,20 @@ class SpeechLLMRecognizer:
             if learned
             else float(CHUNK_LENGTH)
         )
-        window = DecodeSettings.from_config(model.config, **decode).max_window_seconds
+        settings = DecodeSettings.from_config(model.config, **decode)
+        if settings.ctc_weight > 0 and model.projector.ctc_head is None:
+            raise ValueError(
+                f"{name}: ctc_weight {settings.ctc_weight} needs a CTC head, and this model has none "
+                "(trained with projector.ctc_loss_weight 0)"
+            )
+        window = settings.max_window_seconds
         self.max_seconds = encoder_seconds if window is None else min(encoder_seconds, window)
         self.split_at_pauses = window is not None
+
+    @property
+    def decoding(self) -> DecodeSettings:
+        """What it decodes with: the settings saved in the model's config, updated with this recognizer's."""
+        return DecodeSettings.from_config(self.model.config, **self.decode)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu") -> SpeechLLMRecognizer:
@@ -425,12 +436,18 @@ def model_type_of(path: str) -> str:
 
 
 def load_recognizer(
-    name_or_path: str, device: str = "cpu", decoding: DecodingOptions | None = None
+    name_or_path: str,
+    device: str = "cpu",
+    decoding: DecodingOptions | None = None,
+    speech_llm_decoding: dict[str, Any] | None = None,
 ) -> Recognizer:
     """Load any supported model from a bundled name, a local directory or a hub name.
 
     ``decoding``: how a Whisper or MagnetWhisper model decodes (default greedy, no guards). SpeechLLM
     decodes with its own loop guard and takes none of these options except the defaults.
+    ``speech_llm_decoding``: SpeechLLM decoding settings over those saved in its config
+    (:class:`~magnet_asr.models.speech_llm_generation.DecodeSettings` fields, e.g. ``{"ctc_weight": 0.3}``);
+    an error for the other models.
     """
     from magnet_asr.weights import resolve_model
 
@@ -450,6 +467,15 @@ def load_recognizer(
             raise ValueError(
                 f"{name_or_path}: beam search is available for Whisper and MagnetWhisper models only"
             )
+    if speech_llm_decoding:
+        if not isinstance(recognizer, SpeechLLMRecognizer):
+            raise ValueError(f"{name_or_path}: {sorted(speech_llm_decoding)} apply to SpeechLLM models only")
+        recognizer = SpeechLLMRecognizer(
+            recognizer.model,
+            recognizer.tokenizer,
+            name=name_or_path,
+            **{**recognizer.decode, **speech_llm_decoding},
+        )
     return recognizer
 
 

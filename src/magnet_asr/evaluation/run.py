@@ -45,11 +45,13 @@ def run_eval(
     limit: int | None = None,
     out: str | Path | None = None,
     decoding: DecodingOptions = GREEDY,
+    speech_llm_decoding: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on corpus/manifest ``data``; write JSON to ``out`` when given.
 
     ``decoding``: greedy by default, as every figure in the project's tables was measured;
     ``DecodingOptions()`` adds openai-whisper's guards (Whisper and MagnetWhisper models).
+    ``speech_llm_decoding``: a SpeechLLM's settings over its config's (:func:`load_recognizer`).
 
     ``split``: ``train``, ``validation``, ``test`` or ``all``; None picks as :func:`select_rows` does.
     ``limit``: score only the first N rows of the split. Rows left out are counted in the summary.
@@ -62,7 +64,11 @@ def run_eval(
     if not utterances:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(split_counts(u.split for u in rows).items()))
         raise ValueError(f"{manifest}: no utterances in split '{split}' (rows per split: {counts or 'none'})")
-    recognizer = load_recognizer(model, decoding=decoding) if isinstance(model, str) else model
+    recognizer = (
+        load_recognizer(model, decoding=decoding, speech_llm_decoding=speech_llm_decoding)
+        if isinstance(model, str)
+        else model
+    )
     summary = evaluate(
         recognizer, utterances, batch_size=batch_size, data_name=data, split=split, left_out=left_out
     )
@@ -109,7 +115,10 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 def transcribe_files(
-    model: str | Recognizer, files: Sequence[str], decoding: DecodingOptions | None = None
+    model: str | Recognizer,
+    files: Sequence[str],
+    decoding: DecodingOptions | None = None,
+    speech_llm_decoding: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield ``{"file", "text"}`` per file, or ``{"file", "error"}`` with a one-line reason.
 
@@ -117,7 +126,11 @@ def transcribe_files(
     silence is not an error: with the guards (``decoding``, on by default) it reads as an empty transcript.
     """
     recognizer = (
-        load_recognizer(model, decoding=decoding or DecodingOptions()) if isinstance(model, str) else model
+        load_recognizer(
+            model, decoding=decoding or DecodingOptions(), speech_llm_decoding=speech_llm_decoding
+        )
+        if isinstance(model, str)
+        else model
     )
     for file in files:
         try:
