@@ -105,11 +105,15 @@ class CTCPrefixScorer(LogitsProcessor):
         self.num_beams = num_beams
         self.end_ids = set(end_ids)
         self.pre_beam = pre_beam
+        # the same every step: computed once per sample, not once per row and step
+        self._log_blank = emissions.log_blank(
+            torch.arange(len(emissions.lengths), device=emissions.audio.device)
+        )
         self._prefixes: dict[tuple[int, tuple[int, ...]], _Prefix] = {}
 
     def _start(self, samples: torch.Tensor) -> list[_Prefix]:
         """The empty hypothesis: every position so far is blank."""
-        blank = self.emissions.log_blank(samples).cumsum(-1)
+        blank = self._log_blank[samples].cumsum(-1)
         return [_Prefix(torch.full_like(row, _NEG_INF), row, 0.0) for row in blank]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -130,15 +134,15 @@ class CTCPrefixScorer(LogitsProcessor):
             # was ruled out (-inf); it stays ruled out
             prefixes = [self._prefixes.get(key) for key in keys]
         dead = torch.tensor([p is None for p in prefixes], device=device)
-        start = self._start(samples[:1])[0]
-        filled = [p if p is not None else start for p in prefixes]
+        nothing = torch.full_like(self._log_blank[0], _NEG_INF)  # a dead row's placeholder, masked below
+        filled = [p if p is not None else _Prefix(nothing, nothing, 0.0) for p in prefixes]
         non_blank = torch.stack([p.non_blank for p in filled])  # (R, A)
         blank = torch.stack([p.blank for p in filled])
         previous = torch.tensor([p.score for p in filled], dtype=log_probs.dtype, device=device)
         last = torch.tensor([row[-1] if row else -1 for _, row in keys], device=device)
 
         x = self.emissions.log_probs(samples, candidates)  # (R, A, K)
-        x_blank = self.emissions.log_blank(samples)  # (R, A)
+        x_blank = self._log_blank[samples]  # (R, A)
         new_non_blank, new_blank, prefix_score = _extend(
             non_blank, blank, x, x_blank, candidates, last, length
         )

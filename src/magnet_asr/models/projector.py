@@ -206,7 +206,11 @@ class EmbeddingCTCHead(nn.Module):
         """``embeds (B, A, H)``, ``table (V, H)`` -> ``(B, A, V + 1)``; the blank is the last class."""
         classes = torch.cat([table.detach().to(embeds.dtype), self.blank[None].to(embeds.dtype)])
         cosine = nn.functional.normalize(embeds, dim=-1) @ nn.functional.normalize(classes, dim=-1).T
-        return cosine * self.log_scale.clamp(max=math.log(100.0)).exp()
+        return cosine * self.scale()
+
+    def scale(self) -> torch.Tensor:
+        """The learned logit scale, capped at 100 as CLIP caps its temperature."""
+        return self.log_scale.clamp(max=math.log(100.0)).exp()
 
     def _classes(self, table: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of ``table`` to score and the targets renumbered into them."""
@@ -266,7 +270,7 @@ class EmbeddingCTCHead(nn.Module):
         normalizer over the whole table is computed one sample at a time, the rest per candidate."""
         classes = nn.functional.normalize(torch.cat([table, self.blank[None]]).float(), dim=-1)
         audio = nn.functional.normalize(embeds.float(), dim=-1)
-        scale = float(self.log_scale.clamp(max=math.log(100.0)).exp())
+        scale = float(self.scale())
         log_norm = torch.stack([(scale * row @ classes.T).logsumexp(-1) for row in audio])
         return CTCEmissions(audio, classes, scale, log_norm, mask.sum(1))
 

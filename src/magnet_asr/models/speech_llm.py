@@ -232,6 +232,13 @@ class AudioEmbeddings:
         """Audio tokens per sample ``(B,)``."""
         return self.mask.sum(1)
 
+    @property
+    def ctc_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the CTC head reads: the projector outputs before CTC compression and their mask."""
+        if self.projected is not None and self.projected_mask is not None:
+            return self.projected, self.projected_mask
+        return self.embeds, self.mask
+
     def select(self, rows: list[int]) -> AudioEmbeddings:
         """The samples ``rows``, trimmed to their longest audio-token count (``projected`` to its own)."""
         index = torch.tensor(rows, device=self.mask.device)
@@ -705,8 +712,7 @@ class SpeechLLM(PreTrainedModel):
             raise ValueError(
                 "decoding ctc_weight > 0 needs a CTC head: this model has none (ctc_loss_weight 0)"
             )
-        embeds = audio.projected if audio.projected is not None else audio.embeds
-        mask = audio.projected_mask if audio.projected_mask is not None else audio.mask
+        embeds, mask = audio.ctc_inputs
         return head.search_emissions(embeds, mask, self._token_table())
 
     def ctc_loss(self, audio: AudioEmbeddings, responses: list[list[int]]) -> torch.Tensor | None:
@@ -716,8 +722,7 @@ class SpeechLLM(PreTrainedModel):
         if head is None:
             return None
         table = self._token_table()
-        embeds = audio.projected if audio.projected is not None else audio.embeds
-        mask = audio.projected_mask if audio.projected_mask is not None else audio.mask
+        embeds, mask = audio.ctc_inputs
         return head(embeds, mask, table, [row[:-1] for row in responses])
 
     @torch.no_grad()
